@@ -1,0 +1,49 @@
+"""clbench: continual-learning benchmarks with controllable task similarity.
+
+Public API::
+
+    from clbench import make_stream, make_strategy, run
+    result = run(make_stream("teacher-student", rho_a=0.5, rho_b=0.5), make_strategy("ewc-full"))
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from clbench.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
+from clbench.errors import ClbenchError  # noqa: E402
+from clbench.models import build_model  # noqa: E402
+from clbench.registry import (  # noqa: E402
+    load_plugin,
+    register_model,
+    register_strategy,
+    register_stream,
+)
+from clbench.strategy import Strategy  # noqa: E402
+from clbench.types import Stream, Task, TrainDefaults  # noqa: E402
+
+
+def make_stream(name: str, **args: Any) -> Stream:
+    """Build a registered stream by name, checking its arguments."""
+    from clbench.registry import check_arguments, lookup
+
+    builder = lookup("stream", name)
+    check_arguments("stream", name, builder, args)
+    return builder(**args)
+
+
+def make_strategy(name: str, **args: Any) -> Strategy:
+    """Build a registered strategy by name, checking its arguments."""
+    from clbench.registry import check_arguments, lookup
+
+    cls = lookup("strategy", name)
+    check_arguments("strategy", name, cls, args)
+    return cls(**args)
+
+
+__all__ = [
+    "ClbenchError", "Result", "Stream", "Strategy", "Task", "TrainDefaults", "TrainingDiverged",
+    "build_model", "evaluate", "load_plugin", "make_strategy", "make_stream", "register_model",
+    "register_strategy", "register_stream", "run", "__version__",
+]

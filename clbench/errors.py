@@ -1,0 +1,21 @@
+"""The one exception type users see.
+
+Anything raised as :class:`ClbenchError` is a problem with the user's input or
+environment; its message names the problem and the fix. The CLI prints it as a
+single line and exits with status 2.
+"""
+
+
+class ClbenchError(ValueError):
+    """Bad input or missing resource, with a message that says how to fix it."""
+
+
+def check_unit_interval(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
+    """Return ``value`` as float, or raise a ClbenchError if it is outside [low, high]."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ClbenchError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}") from None
+    if not (low <= value <= high):
+        raise ClbenchError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+    return value

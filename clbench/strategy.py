@@ -1,0 +1,114 @@
+"""The Strategy base class: the hooks the engine calls.
+
+The engine calls, in order::
+
+    model = strategy.setup(model, stream)          # once
+    for task in stream:
+        strategy.before_task(task)
+        for each step:  loss = sum(strategy.training_loss(x, y, t) for t in strategy.train_tasks(task, seen))
+        strategy.after_task(task)                  # Fisher, anchors, freezing ...
+        evaluate every task with strategy.predict(x, t)
+
+A new strategy overrides only what it changes: usually ``penalty`` and
+``after_task`` (regularisers) or ``forward`` (gating, task-specific modules).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.errors import ClbenchError
+from clbench.types import SCENARIOS, Stream, Task
+
+
+class Strategy:
+    """Plain sequential training (the base every strategy extends).
+
+    Training settings default to the stream's recommendation (``None``).
+    """
+
+    name: ClassVar[str] = ""
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    uses_task_id_at_test: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        epochs: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        optimizer: str | None = None,
+    ) -> None:
+        self.epochs, self.lr, self.batch_size, self.optimizer = epochs, lr, batch_size, optimizer
+        self.model: nn.Module | None = None
+        self.stream: Stream | None = None
+
+    # --- hooks -------------------------------------------------------------
+    def setup(self, model: nn.Module, stream: Stream) -> nn.Module:
+        """Called once before the first task; may wrap or modify the model."""
+        if stream.scenario not in self.scenarios:
+            raise ClbenchError(
+                f"strategy {self.name!r} supports the {'/'.join(self.scenarios)}-incremental scenario(s), "
+                f"but stream {stream.name!r} is {stream.scenario}-incremental; pick another strategy or scenario"
+            )
+        self.model, self.stream = model, stream
+        return model
+
+    def before_task(self, task: Task) -> None:
+        """Called before training on ``task``."""
+
+    def train_tasks(self, task: Task, seen: list[Task]) -> list[Task]:
+        """The tasks whose training data the current task trains on (one batch of each per step)."""
+        return [task]
+
+    def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
+        """Model outputs for inputs ``x`` of ``task`` (before the task's head is selected)."""
+        return self.model(x)
+
+    def penalty(self) -> torch.Tensor | float:
+        """Regularisation term added to the task loss."""
+        return 0.0
+
+    def after_task(self, task: Task) -> None:
+        """Called after training on ``task``, before evaluation."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates for the next task."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def extra_results(self) -> dict[str, Any]:
+        """Anything the strategy wants stored in the result (e.g. parameter growth)."""
+        return {}
+
+    # --- helpers shared by all strategies -----------------------------------
+    def predict(self, x: torch.Tensor, task: Task) -> torch.Tensor:
+        """Outputs restricted to the task's head (task-incremental) or all outputs."""
+        out = self.forward(x, task)
+        return out if task.head is None else out.index_select(1, task.head)
+
+    def task_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The stream's loss: cross-entropy, or MSE averaged over samples and outputs."""
+        if self.stream.loss == "ce":
+            return F.cross_entropy(outputs, targets)
+        return F.mse_loss(outputs, targets)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+        """Task loss on a batch plus the penalty."""
+        return self.task_loss(self.predict(x, task), y) + self.penalty()
+
+    def settings(self) -> dict[str, Any]:
+        """Training settings in force: this strategy's, else the stream's defaults."""
+        d = self.stream.defaults
+        return {
+            "epochs": d.epochs if self.epochs is None else int(self.epochs),
+            "lr": d.lr if self.lr is None else float(self.lr),
+            "batch_size": d.batch_size if self.batch_size is None else int(self.batch_size),
+            "optimizer": d.optimizer if self.optimizer is None else str(self.optimizer),
+        }
+
+
+def parameter_vector(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters of ``model`` flattened into one detached vector."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])

@@ -1,0 +1,12 @@
+"""Strategies. Importing this package registers every built-in strategy.
+
+Each strategy is one file: a :class:`clbench.Strategy` subclass registered by
+name, overriding only the hooks its algorithm changes.
+"""
+from strategies.activity_gating import ActivityGating
+from strategies.ewc import EWCDiag, EWCFull
+from strategies.finetune import Finetune
+from strategies.joint import Joint
+from strategies.l2 import L2
+
+__all__ = ["ActivityGating", "EWCDiag", "EWCFull", "Finetune", "Joint", "L2"]

@@ -1,0 +1,71 @@
+"""Activity gating: a fixed random gate per task on the units' activity.
+
+Context-dependent gating (XdG), Masse, Grant & Freedman, PNAS 2018; analysed
+in the teacher-student model by Hiratani (NeurIPS 2024), where a gate with
+active fraction alpha acts like replacing rho_a by alpha * rho_a: lower
+transfer, higher retention. The gate multiplies the input of each gated
+Linear layer; with ``layers="all"`` that includes the network's input (as in
+Hiratani on MNIST), with ``layers="hidden"`` only hidden units (XdG). The task
+id selects the gate at test time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clbench.errors import ClbenchError, check_unit_interval
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy
+from clbench.types import Stream, Task
+
+
+def random_gate(size: int, alpha: float, seed: int, rescale: bool) -> torch.Tensor:
+    """A 0/1 vector with round(alpha * size) ones at random places (scaled by 1/sqrt(alpha) if rescale)."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.zeros(size)
+    gate[torch.randperm(size, generator=g)[: max(1, round(alpha * size))]] = 1.0
+    return gate / alpha**0.5 if rescale else gate
+
+
+@register_strategy("activity-gating")
+class ActivityGating(Strategy):
+    """Fixed random per-task gates on unit activity, active fraction alpha (XdG; Hiratani 2024); task id at test."""
+
+    scenarios = ("task", "domain")
+    uses_task_id_at_test = True
+
+    def __init__(self, alpha: float = 0.5, layers: str = "all", rescale: bool = True, **train) -> None:
+        super().__init__(**train)
+        self.alpha = check_unit_interval("alpha", alpha)
+        if self.alpha == 0:
+            raise ClbenchError("alpha must be > 0: a gate with no active unit blocks all learning")
+        if layers not in ("all", "hidden"):
+            raise ClbenchError(f"layers must be 'all' or 'hidden', got {layers!r}")
+        self.layers, self.rescale = layers, bool(rescale)
+        self.gates: dict[int, list[torch.Tensor]] = {}
+        self.current: list[torch.Tensor] = []
+
+    def setup(self, model: nn.Module, stream: Stream) -> nn.Module:
+        model = super().setup(model, stream)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.gated = linears if self.layers == "all" else linears[1:]
+        if not self.gated:
+            raise ClbenchError("activity-gating found no Linear layer to gate; use layers=all or a model with hidden layers")
+        self.base_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        for k, layer in enumerate(self.gated):
+            layer.register_forward_pre_hook(lambda module, args, k=k: (args[0] * self.current[k],))
+        return model
+
+    def gate(self, task: Task) -> list[torch.Tensor]:
+        """The task's gates, one per gated layer (drawn once, deterministic in the run's seed)."""
+        if task.id not in self.gates:
+            device = next(self.model.parameters()).device
+            self.gates[task.id] = [
+                random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, self.rescale).to(device)
+                for k, layer in enumerate(self.gated)
+            ]
+        return self.gates[task.id]
+
+    def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
+        self.current = self.gate(task)
+        return self.model(x)
