@@ -186,7 +186,7 @@ def run(
                       complete=complete)
 
     raw[0] = evaluate(strategy, tasks, stream.loss)
-    bar = tqdm(total=T * settings["epochs"], delay=3, disable=not progress, unit="epoch", desc=strategy.name)
+    bar = tqdm(total=T * settings["epochs"], delay=3, disable=None if progress else True, unit="epoch", desc=strategy.name)
     for i, task in enumerate(tasks):
         strategy.before_task(task)
         train_on = strategy.train_tasks(task, tasks[: i + 1])

@@ -1,0 +1,5 @@
+import sys
+
+from clbench.cli import main
+
+sys.exit(main())

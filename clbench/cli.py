@@ -1,0 +1,210 @@
+"""Command-line interface: ``clbench run``, ``clbench list``.
+
+Every user error ends in one line ``clbench: error: ...`` on stderr and exit
+status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from clbench.errors import ClbenchError
+
+DEMO_GRID = (0.0, 0.5, 1.0)
+DEMO_SEEDS = 3
+DEMO_STRATEGIES: list[tuple[str, str, dict[str, Any]]] = [
+    ("finetune", "finetune", {}),
+    ("joint", "joint", {}),
+    ("l2", "l2", {"strength": 0.1}),
+    ("ewc-diag", "ewc-diag", {"strength": 1.0}),
+    ("ewc-full", "ewc-full", {"strength": 1.0}),
+    ("activity-gating a=0.2", "activity-gating", {"alpha": 0.2}),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise ClbenchError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="train one strategy on one stream (no arguments: the teacher-student demo)",
+        description="Train a strategy on a stream and print the score matrix R and summary metrics. "
+                    "With neither --stream nor --strategy, runs the offline teacher-student demo: every "
+                    "core strategy on a 3 x 3 grid of (rho_a, rho_b), printing mean transfer, retention and ACC.",
+        epilog="examples:\n  clbench run\n  clbench run --stream teacher-student --strategy ewc-full "
+               "--stream-arg rho_a=0.9 --stream-arg rho_b=0.1 --output result.json\n"
+               "Training settings are strategy arguments: --strategy-arg epochs=5 --strategy-arg lr=0.01 "
+               "(also batch_size, optimizer=sgd|adam|adamw); unset ones take the stream's defaults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stream", help="stream name (see `clbench list`); default teacher-student")
+    p.add_argument("--strategy", help="strategy name (see `clbench list`); default finetune")
+    p.add_argument("--model", help="model name; default: the stream's recommended model")
+    p.add_argument("--stream-arg", action="append", metavar="KEY=VALUE", help="stream argument (repeatable)")
+    p.add_argument("--strategy-arg", action="append", metavar="KEY=VALUE", help="strategy argument (repeatable)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model argument (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, batch order and strategy; also the "
+                   "stream's seed unless --stream-arg seed=N is given (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast (CUDA)")
+    p.add_argument("--output", metavar="FILE.json", help="write the full result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+
+
+def _add_list(sub) -> None:
+    sub.add_parser("list", help="list streams, strategies and models with their arguments",
+                   description="List every registered stream, strategy and model: a one-line description "
+                               "and its arguments with defaults.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="clbench", description="Continual-learning benchmarks with controllable task similarity.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                        help="import your own file or module first, so its @register_* classes are available "
+                             "(repeatable; also $CLBENCH_PLUGINS, separated by ':')")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run(sub)
+    _add_list(sub)
+    return parser
+
+
+def _format_args(obj: Any) -> str:
+    from clbench.registry import arguments
+
+    args = arguments(obj)
+    return ", ".join(f"{k}={v!r}" for k, v in args.items()) or "(none)"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from clbench import registry
+
+    for kind, title in (("stream", "STREAMS"), ("strategy", "STRATEGIES"), ("model", "MODELS")):
+        print(title)
+        for name in registry.names(kind):
+            obj = registry.lookup(kind, name)
+            print(f"  {name:<22} {registry.describe(obj)}")
+            print(f"  {'':<22}   args: {_format_args(obj)}")
+        print()
+    print("Every strategy also takes epochs, lr, batch_size, optimizer (default: the stream's recommendation).")
+    return 0
+
+
+def _single_run(args: argparse.Namespace) -> int:
+    import clbench
+    from clbench.registry import arguments, lookup, parse_key_values
+
+    stream_name = args.stream or "teacher-student"
+    strategy_name = args.strategy or "finetune"
+    stream_args = parse_key_values(args.stream_arg, "--stream-arg")
+    strategy_args = parse_key_values(args.strategy_arg, "--strategy-arg")
+    model_args = parse_key_values(args.model_arg, "--model-arg")
+    if "seed" in arguments(lookup("stream", stream_name)):
+        stream_args.setdefault("seed", args.seed)
+    strategy = clbench.make_strategy(strategy_name, **strategy_args)
+    stream = clbench.make_stream(stream_name, **stream_args)
+    config = {"stream_args": stream_args, "strategy_args": strategy_args, "model": args.model or stream.defaults.model,
+              "model_args": model_args or (stream.defaults.model_args if not args.model else {})}
+    try:
+        result = clbench.run(stream, strategy, model_name=args.model, model_args=model_args, device=args.device,
+                             seed=args.seed, precision=args.precision, progress=not args.quiet, config=config)
+    except clbench.TrainingDiverged as e:
+        if args.output:
+            e.partial.to_json(args.output)
+            raise ClbenchError(f"{e} (the rows computed so far are in {args.output})") from None
+        raise
+    if args.output:
+        result.to_json(args.output)
+    if not args.quiet:
+        _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    import numpy as np
+
+    R = np.array(result.R)
+    print(f"{result.config['strategy']} on {result.config['stream']} ({result.config['device']}, "
+          f"{result.wall_time_s:.1f} s, peak {result.peak_memory_mb:.0f} MB, {result.parameter_count} parameters)")
+    print("R (row i: after task i, row 0: before training; column j: task j):")
+    for i, row in enumerate(R):
+        print(f"  {i:>3} " + " ".join(f"{v:7.3f}" for v in row))
+    print("  " + "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    import clbench
+
+    rows = []
+    cells = [(a, b) for a in DEMO_GRID for b in DEMO_GRID]
+    seeds = [args.seed + k for k in range(DEMO_SEEDS)]
+    if not args.quiet:
+        print("clbench demo: Hiratani's teacher-student model, 2 tasks, (rho_a, rho_b) in "
+              f"{list(DEMO_GRID)}^2, {len(DEMO_STRATEGIES)} strategies, seeds {seeds} (exact expected-loss training)")
+    bar = tqdm(total=len(cells) * len(DEMO_STRATEGIES) * len(seeds), disable=True if args.quiet else None,
+               unit="run", delay=1)
+    for label, name, strategy_args in DEMO_STRATEGIES:
+        for (rho_a, rho_b), seed in itertools.product(cells, seeds):
+            stream = clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed)
+            result = clbench.run(stream, clbench.make_strategy(name, **strategy_args), device=args.device,
+                                 seed=seed, progress=False)
+            rows.append({"strategy": label, "rho_a": rho_a, "rho_b": rho_b, "seed": seed, **result.metrics,
+                         "wall_time_s": result.wall_time_s})
+            bar.update(1)
+    bar.close()
+    table = pd.DataFrame(rows)
+    summary = table.groupby("strategy", sort=False)[["transfer", "retention", "acc"]].mean()
+    corner = table[(table.rho_a == 1.0) & (table.rho_b == 0.0)].groupby("strategy", sort=False)["retention"].mean()
+    summary["retention@(1,0)"] = corner
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=1)
+    if not args.quiet:
+        print("\nMean over the grid and seeds (transfer = score on task 2 after task 1; retention = score on task 1 after "
+              "task 2;\nscores are 1 - error/error_at_init; retention@(1,0) is the catastrophic corner "
+              "rho_a=1, rho_b=0):")
+        print(summary.to_string(float_format=lambda v: f"{v:8.3f}"))
+        print(f"\nTheory for finetune (Hiratani 2024), mean over this grid: transfer "
+              f"{np.mean([a * (2 * b - a) for a, b in cells]):.3f}, retention "
+              f"{np.mean([1 - a**2 * (a**2 - 2 * a * b + 1) for a, b in cells]):.3f}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.stream is None and args.strategy is None and not (args.stream_arg or args.strategy_arg):
+        return _demo(args)
+    return _single_run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        from clbench.registry import load_plugin
+
+        plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
+        for plugin in plugins:
+            load_plugin(plugin)
+        handlers = {"run": cmd_run, "list": cmd_list}
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return handlers[args.command](args)
+    except ClbenchError as e:
+        print(f"clbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
