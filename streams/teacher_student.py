@@ -63,6 +63,7 @@ def teacher_student(
         if not isinstance(value, int) or value < 1:
             raise ClbenchError(f"{name} must be a positive integer, got {value!r}")
     g = torch.Generator().manual_seed(int(seed))
+    g_samples = torch.Generator().manual_seed(int(seed) + 1)  # separate, so both modes share the teachers
     scale = 1.0 / math.sqrt(latent_dim)
     A = torch.randn(input_dim, latent_dim, generator=g, dtype=torch.float64) * scale
     B = torch.randn(output_dim, latent_dim, generator=g, dtype=torch.float64) * scale
@@ -75,7 +76,7 @@ def teacher_student(
         if mode == "exact":
             train_x, train_y = test_x, test_y
         else:
-            s = torch.randn(samples, latent_dim, generator=g, dtype=torch.float64)
+            s = torch.randn(samples, latent_dim, generator=g_samples, dtype=torch.float64)
             train_x, train_y = s @ A.T, s @ B.T
         task_list.append(Task(
             id=t, train_x=train_x.float(), train_y=train_y.float(), test_x=test_x.float(), test_y=test_y.float(),
