@@ -9,5 +9,6 @@ from strategies.finetune import Finetune
 from strategies.iru import IRU
 from strategies.joint import Joint
 from strategies.l2 import L2
+from strategies.l2p import L2P
 
-__all__ = ["ActivityGating", "EWCDiag", "EWCFull", "Finetune", "IRU", "Joint", "L2"]
+__all__ = ["ActivityGating", "EWCDiag", "EWCFull", "Finetune", "IRU", "Joint", "L2", "L2P"]

@@ -106,7 +106,7 @@ class IRU(Strategy):
                   and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
         if len(weighted) < 2 or others:
             raise ClbenchError("iru needs a model built from Linear/Conv2d layers (at least one hidden layer plus "
-                               f"an output layer) and no other parameters or buffers; found {others or 'too few layers'}")
+                               f"an output layer) and no other parameters or buffers, e.g. --model mlp; found {others or 'too few layers'}")
         self.layers = [RankUpdateLayer(m) for m in weighted[:-1]]
         for old, new in zip(weighted[:-1], self.layers):
             _replace(model, old, new)
