@@ -78,10 +78,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not Path(args.checkpoint).is_file():
         pretrain(args.checkpoint, "synthetic-digits", samples=12000, epochs=8, lr=2e-3, seed=args.seed)
+    stream = None
     if "split-fashion-mnist" in clbench.registry.names("stream"):
-        stream = clbench.make_stream("split-fashion-mnist", scenario="class", seed=args.seed)
-    else:
+        try:
+            stream = clbench.make_stream("split-fashion-mnist", scenario="class", seed=args.seed)
+        except clbench.ClbenchError as e:
+            print(f"registered split-fashion-mnist unavailable ({e}); building it from the IDX files")
+    if stream is None:
         stream = local_split_fashion_mnist(Path("/usr/share/datasets/fashion-mnist"), args.seed)
+    first = stream[0].inputs(stream[0].train_x[:256])
+    print(f"model inputs range [{first.min():.2f}, {first.max():.2f}] (the backbone was pretrained on [0, 1])")
     stream = subsample(stream, args.train_per_task, args.seed)
     print(f"stream {stream.name}: {len(stream)} tasks, {args.train_per_task} training samples a task, "
           f"{args.epochs} epochs; backbone pretrained on synthetic digits ({args.checkpoint}); "
