@@ -1,4 +1,7 @@
 """L2P (Wang et al. 2022) and `clbench pretrain`: frozen backbone, masked training, per-sample prompts, histograms."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,8 @@ import clbench
 from clbench.pretrain import checkpoint_metadata, pretrain, synthetic_digits
 from clbench.types import Stream, Task, TrainDefaults
 from strategies.l2p import L2P
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Scale:
@@ -120,3 +125,22 @@ def test_pretrain_cli_and_list(cli, tmp_path):
     assert code == 2 and stderr.count("\n") == 1 and "--classes" in stderr
     code, stdout, _ = cli("list")
     assert code == 0 and "l2p" in stdout and "backbone_checkpoint=None" in stdout and "r2=1" in stdout
+
+
+def test_l2p_through_the_cli(cli, tmp_path, checkpoint):
+    """L2P runs through `clbench run` (the stream comes from a --plugin file)."""
+    plugin = tmp_path / "digits_plugin.py"
+    plugin.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import clbench\n"
+        "from test_l2p import digit_stream\n"
+        "clbench.register_stream('digits-ci')(lambda T=2: digit_stream(T))\n")
+    out = tmp_path / "r.json"
+    code, stdout, stderr = cli("--plugin", str(plugin), "run", "--stream", "digits-ci", "--strategy", "l2p",
+                               "--strategy-arg", f"backbone_checkpoint={checkpoint}", "--strategy-arg", "epochs=1",
+                               "--output", str(out), "--quiet")
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    assert result["extra"]["l2p_backbone"]["file"] == str(checkpoint)
+    assert set(result["extra"]["l2p_prompt_histogram_test"]) == {"0", "1"}
