@@ -6,7 +6,9 @@ name, overriding only the hooks its algorithm changes.
 from strategies.activity_gating import ActivityGating
 from strategies.ewc import EWCDiag, EWCFull
 from strategies.finetune import Finetune
+from strategies.iru import IRU
 from strategies.joint import Joint
 from strategies.l2 import L2
+from strategies.l2p import L2P
 
-__all__ = ["ActivityGating", "EWCDiag", "EWCFull", "Finetune", "Joint", "L2"]
+__all__ = ["ActivityGating", "EWCDiag", "EWCFull", "Finetune", "IRU", "Joint", "L2", "L2P"]

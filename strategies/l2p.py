@@ -1,0 +1,171 @@
+"""L2P, Learning to Prompt: a prompt pool on a frozen pretrained ViT.
+
+Wang et al., "Learning to Prompt for Continual Learning", CVPR 2022.
+Algorithm (per batch)::
+
+    q   = [CLS] feature of the frozen backbone on the raw input      (no prompts)
+    idx = top-N keys by cosine(q, k_i), i = 1..M                      (per sample)
+    z   = backbone([P_idx ; embedded patches])                        (prompts at the first block)
+    y^  = head(mean of z over the N * L_p prompt positions)
+    loss = CE(y^ with classes outside the current task masked, y) - lambda * sum_N cosine(q, k_idx)
+
+Only prompts, keys and the linear head train; the backbone stays frozen.
+Class-incremental: one head over all classes, masked during training only;
+prompts are chosen per sample at test (no batch vote, which would leak the
+task). Optional diversification (paper Eq. 4, ``diversify``): during
+training, distances to prompts used often on earlier tasks are scaled by their
+selection frequency. Backbone: a local checkpoint (``backbone_checkpoint``,
+e.g. from ``clbench pretrain``) or timm's hub weights (``backbone_pretrained``,
+needs the network). The result records the backbone and the prompt-selection
+histogram per task (training, and test after the last task).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.errors import ClbenchError
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy
+from clbench.types import Stream, Task
+
+
+def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str | None,
+                  pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen timm ViT (no classifier) and a description of where its weights came from."""
+    import timm
+
+    from clbench.pretrain import checkpoint_metadata
+
+    if checkpoint and pretrained:
+        raise ClbenchError("give either backbone_checkpoint=PATH or backbone_pretrained=true, not both")
+    if not checkpoint and not pretrained:
+        raise ClbenchError("l2p needs a pretrained backbone: backbone_checkpoint=PATH (make one offline with "
+                           "`clbench pretrain --output PATH`) or backbone_pretrained=true (timm hub, needs the network)")
+    meta = checkpoint_metadata(checkpoint) if checkpoint else {}
+    name = name or meta.get("backbone") or "vit_base_patch16_224.augreg_in21k"
+    args = {**meta.get("backbone_args", {}), **(args or {})}
+    overlay = {"pretrained_cfg_overlay": dict(file=str(checkpoint))} if checkpoint else {}
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0, **args, **overlay)
+    except Exception as e:  # noqa: BLE001 - timm raises many kinds; the user needs one line
+        raise ClbenchError(f"cannot build the L2P backbone {name!r} ({type(e).__name__}: {e}); check backbone, "
+                           "backbone_args and the checkpoint (a timm ViT state dict)") from None
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise ClbenchError(f"backbone {name!r} is not a timm VisionTransformer; use a vit_* model")
+    model.requires_grad_(False).eval()
+    source = {"source": "checkpoint" if checkpoint else "hub", "name": name, "args": args,
+              "file": str(checkpoint) if checkpoint else None, "pretraining": meta or None}
+    return model, source
+
+
+class PromptedViT(nn.Module):
+    """Frozen ViT + prompt pool (M x L_p x D), keys (M x D) and a linear head over all classes."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, pool_size: int, prompt_length: int, top_n: int,
+                 normalize: tuple | None) -> None:
+        super().__init__()
+        self.backbone, self.top_n = backbone, top_n
+        d = backbone.embed_dim
+        self.prompts = nn.Parameter(torch.randn(pool_size, prompt_length, d) * 0.02)  # at the scale of ViT tokens
+        self.keys = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
+        self.head = nn.Linear(d, num_classes)
+        self.size = backbone.patch_embed.img_size
+        self.in_chans = backbone.patch_embed.proj.in_channels
+        self.normalize = normalize
+        self.penalty_weights: torch.Tensor | None = None  # diversification during training
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the backbone's format: channels repeated, resized, normalised as it was trained."""
+        if x.shape[1] != self.in_chans:
+            if x.shape[1] != 1:
+                raise ClbenchError(f"backbone takes {self.in_chans} input channels, the stream gives {x.shape[1]}")
+            x = x.expand(-1, self.in_chans, -1, -1)
+        if tuple(x.shape[-2:]) != tuple(self.size):
+            x = F.interpolate(x, size=tuple(self.size), mode="bilinear", align_corners=False)
+        if self.normalize is not None:
+            mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in self.normalize)
+            x = (x - mean) / std
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.backbone
+        x = self.adapt(x)
+        with torch.no_grad():
+            q = F.normalize(vit.forward_head(vit.forward_features(x), pre_logits=True), dim=1)
+        sim = q @ F.normalize(self.keys, dim=1).T                        # B x M cosine
+        score = sim if self.penalty_weights is None or not self.training else -(1 - sim) * self.penalty_weights
+        self.idx = score.topk(self.top_n, dim=1).indices                  # B x N, per sample
+        self.matched = sim.gather(1, self.idx).sum(1).mean()              # surrogate: sum over N, mean over batch
+        tokens = vit._pos_embed(vit.patch_embed(x))
+        prompts = self.prompts[self.idx].flatten(1, 2)                    # B x N*L_p x D
+        z = vit.norm(vit.blocks(vit.norm_pre(torch.cat([prompts, tokens], 1))))
+        return self.head(z[:, : prompts.shape[1]].mean(1))
+
+
+@register_strategy("l2p")
+class L2P(Strategy):
+    """Learning to Prompt: prompt pool with keys on a frozen ViT, class-masked training (Wang et al. 2022)."""
+
+    scenarios = ("class",)
+
+    def __init__(self, pool_size: int = 10, prompt_length: int = 5, top_n: int = 5, key_weight: float = 0.1,
+                 diversify: bool = True, backbone: str | None = None, backbone_args: dict | None = None,
+                 backbone_checkpoint: str | None = None, backbone_pretrained: bool = False, **train) -> None:
+        train.setdefault("optimizer", "adam")
+        super().__init__(**train)
+        if not 1 <= int(top_n) <= int(pool_size) or int(prompt_length) < 1:
+            raise ClbenchError(f"l2p needs 1 <= top_n <= pool_size and prompt_length >= 1; got "
+                               f"top_n={top_n}, pool_size={pool_size}, prompt_length={prompt_length}")
+        if backbone_args is not None and not isinstance(backbone_args, dict):
+            raise ClbenchError(f"backbone_args must be a dict, e.g. {{'img_size': 28}}; got {backbone_args!r}")
+        self.pool_size, self.prompt_length, self.top_n = int(pool_size), int(prompt_length), int(top_n)
+        self.key_weight, self.diversify = float(key_weight), bool(diversify)
+        self.backbone_spec = (backbone, backbone_args, backbone_checkpoint, bool(backbone_pretrained))
+        self.train_counts: dict[int, torch.Tensor] = {}
+        self.test_counts: dict[int, torch.Tensor] = {}
+
+    def setup(self, model: nn.Module, stream: Stream) -> nn.Module:
+        super().setup(model, stream)
+        if stream.loss != "ce":
+            raise ClbenchError("l2p is for classification streams (loss 'ce')")
+        backbone, self.backbone_source = load_backbone(*self.backbone_spec)
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        normalize = (cfg["mean"], cfg["std"]) if self.backbone_source["source"] == "hub" and "mean" in cfg else None
+        device = next(model.parameters()).device
+        self.model = PromptedViT(backbone, stream.num_outputs, self.pool_size, self.prompt_length, self.top_n,
+                                 normalize).to(device)
+        return self.model
+
+    def before_task(self, task: Task) -> None:
+        classes = task.classes if task.classes is not None else torch.unique(task.train_y).tolist()
+        self.mask = torch.full((self.stream.num_outputs,), float("-inf"), device=task.train_y.device)
+        self.mask[torch.as_tensor(classes, device=self.mask.device)] = 0.0
+        if self.diversify and self.train_counts:
+            h = torch.stack(list(self.train_counts.values())).sum(0).float()
+            self.model.penalty_weights = h / h.sum() + 1e-3 / self.pool_size  # Eq. 4; ties go to similarity
+
+    def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
+        logits = self.model(x)
+        counts = self.train_counts if self.model.training else self.test_counts
+        new = torch.bincount(self.model.idx.flatten(), minlength=self.pool_size)
+        counts[task.id] = counts[task.id] + new if task.id in counts else new
+        return logits
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+        logits = self.forward(x, task) + self.mask                         # classes outside the task: -inf
+        return self.task_loss(logits, y) - self.key_weight * self.model.matched
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.model.prompts, self.model.keys, *self.model.head.parameters()]
+
+    def after_task(self, task: Task) -> None:
+        self.test_counts = {}  # the engine's evaluation after this task fills it again
+
+    def extra_results(self) -> dict[str, Any]:
+        hist = lambda counts: {str(k): v.tolist() for k, v in sorted(counts.items())}  # noqa: E731
+        return {"l2p_backbone": self.backbone_source, "l2p_prompt_histogram_train": hist(self.train_counts),
+                "l2p_prompt_histogram_test": hist(self.test_counts)}
