@@ -107,6 +107,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="list local datasets or download one",
+                       description="Datasets are looked up in an explicit root, $CLBENCH_DATA (default "
+                                   "~/.cache/clbench), then system locations such as /usr/share/datasets/fashion-mnist.")
+    action = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser, required=True)
+    action.add_parser("list", help="each known dataset and where it was found (or 'missing')")
+    download = action.add_parser("download", help="download a dataset with torchvision into $CLBENCH_DATA")
+    download.add_argument("name", help="mnist, fashion-mnist, kmnist, cifar10 or cifar100")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from clbench import data
+
+    if args.data_command == "list":
+        print(f"cache: {data.cache_dir()}")
+        for name, where in data.available():
+            print(f"  {name:<15} {where}")
+        return 0
+    folder = data.fetch(args.name)
+    loaded = data.load(args.name)
+    print(f"{args.name}: {len(loaded['train_x'])} train / {len(loaded['test_x'])} test images in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clbench", description="Continual-learning benchmarks with controllable task similarity.")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
     _add_list(sub)
+    _add_data(sub)
     _add_pretrain(sub)
     return parser
 
@@ -239,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
         for plugin in plugins:
             load_plugin(plugin)
-        handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain}
+        handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data}
         if args.command is None:
             parser.print_help()
             return 0

@@ -202,7 +202,7 @@ def run(
                 for t, order in zip(train_on, orders):
                     idx = order[(step * bs) % len(order):][:bs]
                     with autocast:
-                        loss = loss + strategy.training_loss(t.inputs(t.train_x[idx]), t.train_y[idx], t)
+                        loss = loss + strategy.training_loss(t.inputs(t.train_x[idx], train=True), t.train_y[idx], t)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

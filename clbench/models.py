@@ -57,4 +57,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+from clbench import vision_models  # noqa: E402,F401  (registers resnet18-reduced, vit-tiny)
+
 __all__ = ["build_model", "count_parameters", "linear", "mlp"]

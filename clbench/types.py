@@ -25,7 +25,8 @@ class Task:
 
     ``train_x``/``test_x`` may be compact (e.g. uint8 images); ``transform``
     maps a batch of them, already on the device, to float model inputs (e.g.
-    scaling plus a pixel permutation). ``head`` lists the model output units
+    scaling plus a pixel permutation); ``augment`` runs after it on training
+    batches only. ``head`` lists the model output units
     this task reads (task-incremental multi-head); targets are then indices
     into ``head``. ``None`` means all outputs.
     """
@@ -36,6 +37,7 @@ class Task:
     test_x: torch.Tensor
     test_y: torch.Tensor
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     head: torch.Tensor | None = None
     classes: list[int] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -49,15 +51,17 @@ class Task:
                     "inputs and targets must have the same length"
                 )
 
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Model inputs for a batch of stored inputs (applies the task transform)."""
-        return self.transform(x) if self.transform is not None else x.float()
+    def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Model inputs for a batch of stored inputs: the task transform, then (training only) augmentation."""
+        x = self.transform(x) if self.transform is not None else x.float()
+        return self.augment(x) if train and self.augment is not None else x
 
     def to(self, device: torch.device | str) -> "Task":
         """A copy with all tensors (data, head, tensors inside the transform) on ``device``."""
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        if hasattr(self.transform, "to"):
-            moved["transform"] = self.transform.to(device)
+        for key in ("transform", "augment"):
+            if hasattr(moved[key], "to"):
+                moved[key] = moved[key].to(device)
         return Task(**moved)
 
 
