@@ -131,3 +131,33 @@ def test_cli_run_on_real_permuted_fashion_mnist(cli):
     assert code == 0, err
     last = [line for line in out.splitlines() if line.strip().startswith("3 ")][0]
     assert min(float(v) for v in last.split()[1:]) > 0.6  # every task well above chance after training
+
+
+@pytest.mark.parametrize("rho_a, rho_b", [(0.0, 0.0), (0.6, 0.0), (0.6, 1.0), (1.0, 0.5), (1.0, 1.0)])
+def test_similar_cifar100_dials(tmp_path, monkeypatch, rho_a, rho_b):
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    root = str(write_cifar(tmp_path / "c", hundred=True))  # fake coarse label = class // 5
+    s = make_stream("similar-cifar100", tasks=3, classes_per_task=5, rho_a=rho_a, rho_b=rho_b, root=root, seed=2)
+    used = sum((t.classes for t in s), [])
+    assert len(used) == len(set(used)) == 15  # no class is reused
+    for prev, cur in zip(s.tasks, s.tasks[1:]):
+        pc, cc = prev.metadata["classes"], cur.metadata["classes"]
+        siblings = [k for k in range(5) if cc[k] // 5 == pc[k] // 5]
+        assert len(siblings) == round(rho_a * 5)  # input dial: share of sibling classes
+        others = set(range(5)) - set(siblings)
+        assert not {cc[k] // 5 for k in others} & {c // 5 for c in pc}
+        labels = cur.metadata["labels"]
+        kept = [k for k in siblings if labels[k] == k]
+        assert len(kept) == round(rho_b * len(siblings))  # readout dial: siblings keeping their sibling's unit
+        # targets follow the label map
+        for k in range(5):
+            mask = cur.train_y == labels[k]
+            assert mask.any()
+    assert s.num_outputs == 5
+
+
+def test_similar_cifar100_refuses_impossible_requests(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    root = str(write_cifar(tmp_path / "c", hundred=True))
+    with pytest.raises(ClbenchError, match="no unused class left"):
+        make_stream("similar-cifar100", tasks=6, classes_per_task=5, rho_a=1.0, root=root)
