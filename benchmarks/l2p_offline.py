@@ -7,15 +7,14 @@
    prompt-selection histogram per task with the total-variation distance
    between tasks' histograms (0 = identical selection).
 
-Uses the registered stream 'split-fashion-mnist' when available, else builds
-the same split from the IDX files in /usr/share/datasets/fashion-mnist.
+Needs Fashion-MNIST locally (`apt-get install dataset-fashion-mnist`, or
+`clbench data download fashion-mnist`).
 
     PYTHONPATH=. python benchmarks/l2p_offline.py [--train-per-task 4000] [--epochs 2]
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +22,6 @@ import torch
 
 import clbench
 from clbench.pretrain import pretrain
-from clbench.types import Stream, Task, TrainDefaults
-
-
-def read_idx(path: Path) -> np.ndarray:
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-class Scale:
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 255
-
-
-def local_split_fashion_mnist(root: Path, seed: int) -> Stream:
-    f = lambda name: next(root.glob(name + "*"))  # noqa: E731
-    xs = {s: torch.from_numpy(read_idx(f(f"{p}-images-idx3-ubyte")).copy())[:, None] for s, p in (("train", "train"), ("test", "t10k"))}
-    ys = {s: torch.from_numpy(read_idx(f(f"{p}-labels-idx1-ubyte")).astype(np.int64)) for s, p in (("train", "train"), ("test", "t10k"))}
-    tasks = []
-    for t in range(5):
-        cls = [2 * t, 2 * t + 1]
-        tr, te = torch.isin(ys["train"], torch.tensor(cls)), torch.isin(ys["test"], torch.tensor(cls))
-        tasks.append(Task(t, xs["train"][tr], ys["train"][tr], xs["test"][te], ys["test"][te], Scale(), classes=cls))
-    return Stream("split-fashion-mnist(local)", tasks, "class", "ce", (1, 28, 28), 10,
-                  TrainDefaults(model="mlp", epochs=1, batch_size=128, lr=0.01, optimizer="sgd"))
-
-
-def subsample(stream: Stream, n: int, seed: int) -> Stream:
-    g = torch.Generator().manual_seed(seed)
-    for t in stream.tasks:
-        keep = torch.randperm(len(t.train_x), generator=g)[:n]
-        t.train_x, t.train_y = t.train_x[keep], t.train_y[keep]
-    return stream
 
 
 def tv_matrix(hists: dict[str, list[int]]) -> np.ndarray:
@@ -78,17 +43,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not Path(args.checkpoint).is_file():
         pretrain(args.checkpoint, "synthetic-digits", samples=12000, epochs=8, lr=2e-3, seed=args.seed)
-    stream = None
-    if "split-fashion-mnist" in clbench.registry.names("stream"):
-        try:
-            stream = clbench.make_stream("split-fashion-mnist", scenario="class", seed=args.seed)
-        except clbench.ClbenchError as e:
-            print(f"registered split-fashion-mnist unavailable ({e}); building it from the IDX files")
-    if stream is None:
-        stream = local_split_fashion_mnist(Path("/usr/share/datasets/fashion-mnist"), args.seed)
-    first = stream[0].inputs(stream[0].train_x[:256])
-    print(f"model inputs range [{first.min():.2f}, {first.max():.2f}] (the backbone was pretrained on [0, 1])")
-    stream = subsample(stream, args.train_per_task, args.seed)
+    # a seeded subset of the training set: about train_per_task images in each of the 5 tasks
+    stream = clbench.make_stream("split-fashion-mnist", scenario="class", train_samples=5 * args.train_per_task,
+                                 seed=args.seed)
     print(f"stream {stream.name}: {len(stream)} tasks, {args.train_per_task} training samples a task, "
           f"{args.epochs} epochs; backbone pretrained on synthetic digits ({args.checkpoint}); "
           f"L2P pool M={args.pool_size}, L_p={args.prompt_length}, N={args.top_n}")

@@ -131,6 +131,101 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="run a grid of runs into a results store (resumable)",
+        description="Run every cell of a grid (streams x stream args x strategies x strategy args x seeds) "
+                    "and write one JSON record per finished run into --store. Rerunning the same sweep runs "
+                    "only the missing cells. The grid comes from a TOML file (see clbench/sweep.py) or from "
+                    "inline lists: comma-separated values are grid axes.",
+        epilog="example:\n  clbench sweep --stream teacher-student --stream-arg rho_a=0,0.5,1 "
+               "--stream-arg rho_b=0,0.5,1 --strategy finetune,ewc-full --seeds 0,1,2 --store results/ts",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", help="sweep file (TOML)")
+    p.add_argument("--stream", help="comma-separated stream names")
+    p.add_argument("--strategy", help="comma-separated strategy names")
+    p.add_argument("--stream-arg", action="append", metavar="KEY=V1,V2", help="stream argument or axis (repeatable)")
+    p.add_argument("--strategy-arg", action="append", metavar="KEY=V1,V2", help="strategy argument or axis")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--store", required=True, help="results folder (one JSON per run)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel local processes")
+    p.add_argument("--device", default=None, help="device for every run (default: the file's, else cpu)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from clbench import sweep
+    from clbench.registry import parse_key_values
+    from clbench.store import Store
+
+    if args.file:
+        spec = sweep.load_spec(args.file)
+    else:
+        if not (args.stream and args.strategy):
+            raise ClbenchError("give a sweep FILE, or --stream and --strategy (comma-separated lists)")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ClbenchError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+        spec = sweep.inline_spec(args.stream.split(","), parse_key_values(args.stream_arg, "--stream-arg"),
+                                 args.strategy.split(","), parse_key_values(args.strategy_arg, "--strategy-arg"),
+                                 seeds)
+    cells = sweep.expand(spec)
+    store = Store(args.store)
+    device = args.device or spec.get("device", "cpu")
+    ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet)
+    print(f"sweep: {len(cells)} cells, ran {ran}, skipped {skipped} already in {args.store}")
+    return 0
+
+
+def _add_leaderboard(sub) -> None:
+    p = sub.add_parser("leaderboard", help="build a leaderboard CSV from a results store",
+                       description="One row per (stream config, strategy config): mean and 95%% CI over seeds of "
+                                   "the metrics, costs and provenance. Schema: leaderboards/README.md.")
+    p.add_argument("--store", required=True, help="results folder written by `clbench sweep`")
+    p.add_argument("--output", required=True, help="CSV file to write")
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from clbench import leaderboard
+    from clbench.store import Store
+
+    table = leaderboard.build(Store(args.store))
+    if table.empty:
+        raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
+    leaderboard.write(table, args.output)
+    print(f"wrote {args.output}: {len(table)} rows from {args.store}")
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="write PNG plots: a run's matrix, similarity maps, a leaderboard chart")
+    kind = p.add_subparsers(dest="plot_kind", metavar="KIND", parser_class=_Parser, required=True)
+    m = kind.add_parser("matrix", help="heatmap of R from a result JSON (clbench run --output)")
+    m.add_argument("result")
+    s = kind.add_parser("similarity", help="transfer and retention over (rho_a, rho_b) per strategy, from a store")
+    s.add_argument("--store", required=True)
+    lb = kind.add_parser("leaderboard", help="bar chart of a leaderboard CSV")
+    lb.add_argument("csv")
+    lb.add_argument("--metric", default="acc")
+    for q in (m, s, lb):
+        q.add_argument("--output", required=True, help="PNG file to write")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from clbench import leaderboard, plots
+    from clbench.store import Store
+
+    if args.plot_kind == "matrix":
+        plots.accuracy_matrix(args.result, args.output)
+    elif args.plot_kind == "similarity":
+        plots.similarity_maps(leaderboard.runs_table(Store(args.store)), args.output)
+    else:
+        plots.leaderboard_chart(args.csv, args.output, args.metric)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clbench", description="Continual-learning benchmarks with controllable task similarity.")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
@@ -140,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_list(sub)
     _add_data(sub)
+    _add_sweep(sub)
+    _add_leaderboard(sub)
+    _add_plot(sub)
     _add_pretrain(sub)
     return parser
 
@@ -264,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
         for plugin in plugins:
             load_plugin(plugin)
-        handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data}
+        handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
+                    "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot}
         if args.command is None:
             parser.print_help()
             return 0

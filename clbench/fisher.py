@@ -92,6 +92,19 @@ def diagonal(strategy, task: Task, samples: int, kind: str = "true") -> torch.Te
     return sum((rows**2).sum(0) for rows in fisher_rows(strategy, task, samples, kind)) / n
 
 
+def full_fits(strategy, task: Task, samples: int, kind: str = "true", max_entries: int = 2 * 10**8) -> bool:
+    """Whether the exact full Fisher fits in ``max_entries`` numbers."""
+    K, P = _full_size(strategy, task, samples, kind)
+    return min(K, P) * P <= max_entries
+
+
+def _full_size(strategy, task: Task, samples: int, kind: str) -> tuple[int, int]:
+    n = min(samples, len(task.train_x))
+    P = sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
+    out_dim = 1 if kind == "empirical" else int(strategy.predict(task.inputs(task.train_x[:1]), task).shape[1])
+    return n * out_dim, P
+
+
 def full(strategy, task: Task, samples: int, kind: str = "true", max_entries: int = 2 * 10**8
          ) -> tuple[str, torch.Tensor]:
     """Exact full Fisher as ``("rows", M)`` with F = M^T M, or ``("matrix", F)``, whichever is smaller.
@@ -99,17 +112,93 @@ def full(strategy, task: Task, samples: int, kind: str = "true", max_entries: in
     Raises a ClbenchError when either form would exceed ``max_entries`` numbers.
     """
     n = min(samples, len(task.train_x))
-    P = sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
-    out_dim = 1 if kind == "empirical" else int(strategy.predict(task.inputs(task.train_x[:1]), task).shape[1])
-    K = n * out_dim
+    K, P = _full_size(strategy, task, samples, kind)
     if min(K, P) * P > max_entries:
         raise ClbenchError(
             f"the exact full Fisher of this model needs {min(K, P) * P:.3g} numbers ({P} parameters, "
             f"{K} gradient rows), over the limit max_entries={max_entries:.3g}. Use fewer fisher_samples, "
-            f"a smaller model, raise max_entries if memory allows, or the Kronecker-factored (K-FAC) "
-            f"full Fisher, which scales to deep networks"
+            f"a smaller model, raise max_entries if memory allows, or fisher_form=kfac (Kronecker-factored, "
+            f"scales to deep networks)"
         )
     rows = torch.cat(list(fisher_rows(strategy, task, samples, kind))) / n**0.5
     if K <= P:
         return "rows", rows
     return "matrix", rows.T @ rows
+
+
+def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int = 256
+         ) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """Kronecker-factored Fisher blocks (A, G) for every trainable Linear and Conv2d layer.
+
+    Ritter, Botev & Barber, "Online Structured Laplace Approximations", NeurIPS 2018 (K-FAC of
+    Martens & Grosse 2015; convolutions as in Grosse & Martens 2016): the layer's Fisher block
+    is A (x) G with A = E[a a^T] over its inputs (a ones entry appended for the bias; conv
+    patches averaged over positions) and G = E[g g^T] over the gradients of the log-likelihood
+    with respect to its outputs (summed over conv positions). True Fisher: targets sampled from
+    the model (a class from the softmax; y ~ N(f(x), I) for regression); empirical: the labels.
+    """
+    if kind not in FISHER_KINDS:
+        raise ClbenchError(f"fisher must be one of {', '.join(FISHER_KINDS)}, got {kind!r}")
+    layers = [m for m in strategy.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
+    if not layers:
+        raise ClbenchError("K-FAC found no trainable Linear or Conv2d layer in the model")
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def keep(module, args, out):
+        inputs[module] = args[0].detach()
+        out.retain_grad()
+        outputs[module] = out
+
+    handles = [m.register_forward_hook(keep) for m in layers]
+    sums = {m: [0.0, 0.0] for m in layers}
+    n = min(samples, len(task.train_x))
+    was_training = strategy.model.training
+    strategy.model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            x = task.inputs(task.train_x[start:min(start + batch_size, n)])
+            out = strategy.predict(x, task).float()
+            if kind == "empirical":
+                target = task.train_y[start:min(start + batch_size, n)]
+            elif strategy.stream.loss == "ce":
+                target = torch.distributions.Categorical(logits=out.detach()).sample()
+            else:
+                target = out.detach() + torch.randn_like(out)
+            # summed (not averaged) loss: each sample's output gradient is its own log-likelihood gradient
+            loss = (torch.nn.functional.cross_entropy(out, target, reduction="sum") if strategy.stream.loss == "ce"
+                    else 0.5 * ((out - target) ** 2).sum())
+            strategy.model.zero_grad(set_to_none=True)
+            loss.backward()
+            for m in layers:
+                a, g = _layer_activations(m, inputs[m], outputs[m].grad)
+                sums[m][0] = sums[m][0] + a.T @ a * (len(x) / len(a))
+                sums[m][1] = sums[m][1] + g.T @ g
+    finally:
+        for h in handles:
+            h.remove()
+        strategy.model.zero_grad(set_to_none=True)
+        strategy.model.train(was_training)
+    return [(m, sums[m][0] / n, sums[m][1] / n) for m in layers]
+
+
+def _layer_activations(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of layer inputs (with a ones column for the bias) and of output gradients."""
+    if isinstance(m, nn.Conv2d):
+        a = torch.nn.functional.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+        a = a.transpose(1, 2).reshape(-1, a.shape[1])
+        g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])  # (N*L, out): summed over positions in G
+    else:
+        a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    if m.bias is not None:
+        a = torch.cat([a, torch.ones(len(a), 1, device=a.device, dtype=a.dtype)], 1)
+    return a.float(), g.float()
+
+
+def kfac_quadratic(m: nn.Module, A: torch.Tensor, G: torch.Tensor, d_weight: torch.Tensor,
+                   d_bias: torch.Tensor | None) -> torch.Tensor:
+    """vec(dW)^T (A (x) G) vec(dW) = tr(G dW A dW^T), with dW = [weight change, bias change]."""
+    dW = d_weight.reshape(d_weight.shape[0], -1)
+    if d_bias is not None:
+        dW = torch.cat([dW, d_bias.reshape(-1, 1)], 1)
+    return ((G @ dW) * (dW @ A)).sum()

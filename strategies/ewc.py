@@ -2,7 +2,9 @@
 
 Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks",
 PNAS 2017: penalty strength/2 (theta - theta*)^T F (theta - theta*), with the
-Fisher F of the previous tasks at their solution theta*. Online accumulation:
+Fisher F of the previous tasks at their solution theta*. ``ewc-full`` keeps
+the exact Fisher (as its gradient rows) when it fits in ``max_entries``
+numbers, else Kronecker-factored layer blocks (K-FAC; Ritter et al. 2018). Online accumulation:
 F <- decay * F + F_task, anchor theta* = weights after the last task
 (decay = 1 sums the tasks' Fishers). Hiratani (NeurIPS 2024) shows the full
 Fisher keeps retention near 1 whatever the task similarity, while the diagonal
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from clbench import fisher
+from clbench.errors import ClbenchError
 from clbench.registry import register_strategy
 from clbench.strategy import Strategy, parameter_vector
 from clbench.types import Task
@@ -56,25 +59,60 @@ class EWCDiag(Strategy):
 
 @register_strategy("ewc-full")
 class EWCFull(EWCDiag):
-    """EWC with the exact full (non-diagonal) Fisher, for models small enough to hold it."""
+    """EWC with a full (non-diagonal) Fisher: exact for small models, Kronecker-factored (K-FAC) blocks for deep ones."""
 
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
-                 decay: float = 1.0, max_entries: int = 2 * 10**8, **train) -> None:
+                 decay: float = 1.0, fisher_form: str = "auto", max_entries: int = 2 * 10**8, **train) -> None:
         super().__init__(strength, fisher_samples, fisher, decay, **train)
-        self.max_entries = int(max_entries)
+        if fisher_form not in ("auto", "exact", "kfac"):
+            raise ClbenchError(f"fisher_form must be auto, exact or kfac, got {fisher_form!r}")
+        self.fisher_form, self.max_entries = fisher_form, int(max_entries)
+        self.form_used: str | None = None
 
     def task_fisher(self, task: Task):
+        form = self.fisher_form
+        if form == "auto":
+            form = "exact" if fisher.full_fits(self, task, self.fisher_samples, self.fisher_kind,
+                                               self.max_entries) else "kfac"
+        self.form_used = form
+        if form == "kfac":
+            return "kfac", [(m, A, G, 1.0) for m, A, G in fisher.kfac(self, task, self.fisher_samples,
+                                                                      self.fisher_kind)]
         return fisher.full(self, task, self.fisher_samples, self.fisher_kind, self.max_entries)
 
     def accumulate(self, new):
         if self.importance is None:
             return new
         (old_form, old), (new_form, m) = self.importance, new
+        if old_form == new_form == "kfac":  # one Kronecker term per task and layer, older ones decayed
+            return "kfac", [(mod, A, G, w * self.decay) for mod, A, G, w in old] + m
         if old_form == new_form == "rows" and (len(old) + len(m)) < old.shape[1]:
             return "rows", torch.cat([self.decay**0.5 * old, m])
+        if "kfac" in (old_form, new_form):
+            raise ClbenchError("ewc-full cannot mix exact and K-FAC Fishers across tasks; set fisher_form explicitly")
         as_matrix = [x if form == "matrix" else x.T @ x for form, x in ((old_form, old), (new_form, m))]
         return "matrix", self.decay * as_matrix[0] + as_matrix[1]
 
     def quadratic_form(self, d: torch.Tensor) -> torch.Tensor:
         form, m = self.importance
-        return (m @ d).pow(2).sum() if form == "rows" else d @ (m @ d)
+        if form == "rows":
+            return (m @ d).pow(2).sum()
+        if form == "matrix":
+            return d @ (m @ d)
+        total = 0.0
+        for module, A, G, weight in m:
+            d_bias = None if module.bias is None else module.bias - self.anchor_of[module.bias]
+            total = total + weight * fisher.kfac_quadratic(module, A, G, module.weight - self.anchor_of[module.weight],
+                                                           d_bias)
+        return total
+
+    def after_task(self, task: Task) -> None:
+        super().after_task(task)
+        # per-parameter anchors for the K-FAC form (views into the flat anchor)
+        self.anchor_of, offset = {}, 0
+        for p in self.trainable_parameters():
+            self.anchor_of[p] = self.anchor[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def extra_results(self) -> dict:
+        return {"fisher": self.fisher_kind, "fisher_form": self.form_used}

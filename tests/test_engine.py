@@ -86,7 +86,7 @@ def test_bad_arguments_raise_clear_errors(bad, message):
 def test_ewc_full_refuses_models_too_large_and_names_kfac():
     s = small_stream()
     with pytest.raises(ClbenchError, match="Kronecker-factored"):
-        run(s, make_strategy("ewc-full", max_entries=1000, epochs=1), device="cpu", progress=False)
+        run(s, make_strategy("ewc-full", fisher_form="exact", max_entries=1000, epochs=1), device="cpu", progress=False)
 
 
 def test_ewc_diag_fisher_is_the_diagonal_of_the_full_fisher():

@@ -1,0 +1,90 @@
+"""Plots (matplotlib, written as PNG): a run's accuracy matrix, transfer/retention maps over
+(rho_a, rho_b) per strategy, and a leaderboard chart."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from clbench.errors import ClbenchError  # noqa: E402
+
+
+def strategy_labels(table: pd.DataFrame) -> pd.Series:
+    """'name' or 'name {args}' per row."""
+    args = table["strategy_args"].str.replace('"', "")
+    return table["strategy"] + args.where(args == "{}", " " + args).where(args != "{}", "")
+
+
+def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Heatmap of R: rows = after training task i (0 = before training), columns = task evaluated."""
+    with open(result_json) as f:
+        result = json.load(f)
+    R = np.array([[np.nan if v is None else v for v in row] for row in result["R"]], dtype=float)
+    T = R.shape[1]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * T, 1.0 + 0.8 * (T + 1)))
+    image = ax.imshow(R, cmap="viridis", vmin=min(0.0, np.nanmin(R)), vmax=1.0, aspect="auto")
+    for i in range(T + 1):
+        for j in range(T):
+            ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="w" if R[i, j] < 0.6 else "k", fontsize=9)
+    ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
+    ax.set_yticks(range(T + 1), ["init"] + [str(i) for i in range(1, T + 1)])
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("after training task")
+    cfg = result.get("config", {})
+    ax.set_title(f"{cfg.get('strategy', '?')} on {cfg.get('stream', '?')}\nACC {result['metrics'].get('acc', float('nan')):.3f}")
+    fig.colorbar(image, ax=ax, label="score (accuracy or 1 - error/error_at_init)")
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
+    """Mean transfer and retention over seeds on the (rho_a, rho_b) grid, one column per strategy config."""
+    args = runs["stream_args"].map(json.loads)
+    if not args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
+        raise ClbenchError("similarity maps need runs whose stream args set both rho_a and rho_b")
+    runs = runs.assign(rho_a=args.map(lambda a: a["rho_a"]), rho_b=args.map(lambda a: a["rho_b"]),
+                       label=strategy_labels(runs))
+    labels = sorted(runs["label"].unique())
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.0 * len(labels) + 1.5, 7.0), squeeze=False,
+                             layout="constrained")
+    for col, label in enumerate(labels):
+        sub = runs[runs["label"] == label]
+        for row, metric in enumerate(("transfer", "retention")):
+            grid = sub.pivot_table(index="rho_a", columns="rho_b", values=metric, aggfunc="mean")
+            ax = axes[row, col]
+            image = ax.imshow(grid.to_numpy(), origin="lower", cmap="RdBu", vmin=-1, vmax=1,
+                              extent=(-0.5, len(grid.columns) - 0.5, -0.5, len(grid.index) - 0.5))
+            ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+            ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+            ax.set_xlabel("readout similarity rho_b")
+            ax.set_ylabel("input similarity rho_a")
+            ax.set_title(f"{label}\n{metric}", fontsize=9)
+    fig.colorbar(image, ax=axes, label="score", shrink=0.8)
+    fig.suptitle("Transfer and retention over task similarity (mean over seeds)")
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric: str = "acc") -> None:
+    """Horizontal bars of a leaderboard metric with 95% CI, averaged over stream configs per strategy config."""
+    table = pd.read_csv(csv)
+    if f"{metric}_mean" not in table:
+        raise ClbenchError(f"{csv} has no column {metric}_mean; pick one of "
+                           f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")
+    table["label"] = strategy_labels(table)
+    agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean")).sort_values("mean")
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(agg) + 1.5))
+    ax.barh(agg.index, agg["mean"], xerr=agg["ci"].fillna(0), color="tab:blue", capsize=3)
+    ax.set_xlabel(f"{metric} (mean over stream configs; bars: mean 95% CI over seeds)")
+    ax.set_ylabel("strategy")
+    ax.set_title(f"Leaderboard: {os.path.basename(str(csv))}")
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
