@@ -206,6 +206,7 @@ def run(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                strategy.after_step()
                 epoch_loss += loss.detach()
             mean_loss = (epoch_loss / steps).item()
             curve.append(mean_loss)

@@ -6,6 +6,7 @@ The engine calls, in order::
     for task in stream:
         strategy.before_task(task)
         for each step:  loss = sum(strategy.training_loss(x, y, t) for t in strategy.train_tasks(task, seen))
+                        optimizer step; strategy.after_step()
         strategy.after_task(task)                  # Fisher, anchors, freezing ...
         evaluate every task with strategy.predict(x, t)
 
@@ -70,6 +71,9 @@ class Strategy:
     def penalty(self) -> torch.Tensor | float:
         """Regularisation term added to the task loss."""
         return 0.0
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. path integrals of SI)."""
 
     def after_task(self, task: Task) -> None:
         """Called after training on ``task``, before evaluation."""

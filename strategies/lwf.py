@@ -1,0 +1,52 @@
+"""Learning without Forgetting (LwF): distil the previous model's outputs on the new task's inputs.
+
+Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017::
+
+    after task t:  old = frozen copy of the model
+    loss:          task loss + alpha * T^2 * KL(softmax(old(x)/T) || softmax(model(x)/T))   (over units seen so far)
+                   (regression streams: alpha * ||model(x) - old(x)||^2 / outputs)
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy
+from clbench.types import Task
+
+
+@register_strategy("lwf")
+class LwF(Strategy):
+    """Learning without forgetting: distillation to the previous model's outputs (Li & Hoiem 2017)."""
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **train) -> None:
+        super().__init__(**train)
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.old = None
+        self.seen_units: list[int] = []
+
+    def after_task(self, task: Task) -> None:
+        self.old = copy.deepcopy(self.model).eval()
+        for p in self.old.parameters():
+            p.requires_grad_(False)
+        units = task.head.tolist() if task.head is not None else (task.classes or range(self.stream.num_outputs))
+        self.seen_units = sorted(set(self.seen_units) | set(int(u) for u in units))
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+        outputs = self.forward(x, task)
+        logits = outputs if task.head is None else outputs.index_select(1, task.head)
+        loss = self.task_loss(logits, y)
+        if self.old is None:
+            return loss
+        with torch.no_grad():
+            old = self.old(x)
+        units = torch.tensor(self.seen_units, device=x.device)
+        new, old = outputs.index_select(1, units), old.index_select(1, units)
+        if self.stream.loss == "mse":
+            return loss + self.alpha * F.mse_loss(new, old)
+        T = self.temperature
+        distill = F.kl_div(F.log_softmax(new / T, 1), F.log_softmax(old / T, 1), log_target=True, reduction="batchmean")
+        return loss + self.alpha * T * T * distill

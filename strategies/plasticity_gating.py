@@ -1,0 +1,44 @@
+"""Plasticity gating: per task, only the synapses from a random fraction alpha of inputs may change.
+
+Hiratani, "Disentangling and mitigating the impact of task similarity for
+continual learning", NeurIPS 2024: unlike activity gating, every unit stays
+active; what is gated is learning. For each task and each Linear layer a fixed
+random set of round(alpha * inputs) input units is drawn; the gradient of the
+layer's weights is zeroed on the columns of the other inputs (biases stay
+plastic). In the over-parameterised linear model this behaves like vanilla
+training (no benefit), as the paper shows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clbench.errors import ClbenchError, check_unit_interval
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy
+from clbench.types import Stream, Task
+from strategies.activity_gating import random_gate
+
+
+@register_strategy("plasticity-gating")
+class PlasticityGating(Strategy):
+    """Per-task random masks on which weights may change: synapses from an alpha fraction of inputs (Hiratani 2024)."""
+
+    def __init__(self, alpha: float = 0.5, **train) -> None:
+        super().__init__(**train)
+        self.alpha = check_unit_interval("alpha", alpha)
+        if self.alpha == 0:
+            raise ClbenchError("alpha must be > 0: with no plastic synapse nothing can be learned")
+        self.masks: list[torch.Tensor] = []
+
+    def setup(self, model: nn.Module, stream: Stream) -> nn.Module:
+        model = super().setup(model, stream)
+        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.base_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        for k, layer in enumerate(self.layers):
+            layer.weight.register_hook(lambda grad, k=k: grad * self.masks[k] if self.masks else grad)
+        return model
+
+    def before_task(self, task: Task) -> None:
+        self.masks = [random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, False)
+                      .to(layer.weight.device) for k, layer in enumerate(self.layers)]

@@ -1,0 +1,62 @@
+"""Experience replay with a reservoir buffer.
+
+Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019
+(reservoir sampling: Vitter 1985)::
+
+    each step:  loss = loss(current batch) + loss(a batch drawn from the buffer)
+                add the current batch to the buffer by reservoir sampling (every sample seen
+                so far is kept with equal probability buffer_size / n_seen)
+
+The buffer holds model inputs (after the task transform), targets and task ids, on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy
+from clbench.types import Task
+
+
+@register_strategy("replay")
+class Replay(Strategy):
+    """Experience replay from a reservoir buffer of buffer_size samples (Chaudhry et al. 2019)."""
+
+    def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, **train) -> None:
+        super().__init__(**train)
+        self.buffer_size = int(buffer_size)
+        self.replay_batch_size = replay_batch_size
+        self.x = self.y = self.task_ids = None
+        self.filled = self.seen = 0
+        self.tasks: dict[int, Task] = {}
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+        loss = super().training_loss(x, y, task)
+        if self.filled:
+            k = min(self.replay_batch_size or len(x), self.filled)
+            pick = torch.randint(0, self.filled, (k,), device=x.device)
+            bx, by, bt = self.x[pick], self.y[pick], self.task_ids[pick]
+            for task_id in bt.unique().tolist():  # tasks may have different heads or gates
+                mask = bt == task_id
+                loss = loss + self.task_loss(self.predict(bx[mask], self.tasks[task_id]), by[mask]) * (
+                    mask.sum() / k)
+        self._add(x.detach(), y, task)
+        return loss
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> None:
+        self.tasks[task.id] = task
+        if self.x is None:
+            self.x = torch.empty((self.buffer_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            self.y = torch.empty((self.buffer_size, *y.shape[1:]), dtype=y.dtype, device=y.device)
+            self.task_ids = torch.empty(self.buffer_size, dtype=torch.long, device=x.device)
+        n = len(x)
+        index = torch.arange(self.seen, self.seen + n, device=x.device)
+        slot = torch.where(index < self.buffer_size, index,
+                           (torch.rand(n, device=x.device) * (index + 1)).long())
+        keep = slot < self.buffer_size
+        self.x[slot[keep]], self.y[slot[keep]], self.task_ids[slot[keep]] = x[keep], y[keep], task.id
+        self.seen += n
+        self.filled = min(self.seen, self.buffer_size)
+
+    def extra_results(self) -> dict:
+        return {"buffer_size": self.buffer_size, "samples_seen": self.seen}

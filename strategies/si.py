@@ -1,0 +1,55 @@
+"""Synaptic intelligence (SI): importance from each parameter's contribution to the loss decrease.
+
+Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017::
+
+    during task t:  w_k += -g_k * (theta_k(step) - theta_k(step - 1))     (path integral)
+    after task t:   Omega_k += w_k / ((theta_k(end) - theta_k(start))^2 + xi);  w = 0;  theta* = theta(end)
+    loss:           task loss + c * sum_k Omega_k (theta_k - theta*_k)^2
+
+g is the gradient the optimizer used (task loss plus the SI penalty).
+"""
+from __future__ import annotations
+
+import torch
+
+from clbench.registry import register_strategy
+from clbench.strategy import Strategy, parameter_vector
+from clbench.types import Task
+
+
+@register_strategy("si")
+class SynapticIntelligence(Strategy):
+    """Synaptic intelligence: path-integral importance, quadratic penalty (Zenke et al. 2017)."""
+
+    def __init__(self, c: float = 0.1, xi: float = 1e-3, **train) -> None:
+        super().__init__(**train)
+        self.c, self.xi = float(c), float(xi)
+        self.omega: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
+
+    def _flat(self, grads: bool = False) -> torch.Tensor:
+        params = self.trainable_parameters()
+        if grads:
+            return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        return parameter_vector(self.model)
+
+    def before_task(self, task: Task) -> None:
+        self.start = self.previous = self._flat()
+        self.path = torch.zeros_like(self.start)
+
+    def after_step(self) -> None:
+        current = self._flat()
+        self.path -= self._flat(grads=True) * (current - self.previous)
+        self.previous = current
+
+    def after_task(self, task: Task) -> None:
+        end = self._flat()
+        importance = self.path.clamp(min=0) / ((end - self.start) ** 2 + self.xi)
+        self.omega = importance if self.omega is None else self.omega + importance
+        self.anchor = end
+
+    def penalty(self) -> torch.Tensor | float:
+        if self.anchor is None:
+            return 0.0
+        delta = torch.cat([p.reshape(-1) for p in self.trainable_parameters()]) - self.anchor
+        return self.c * (self.omega * delta * delta).sum()
