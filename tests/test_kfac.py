@@ -92,3 +92,19 @@ def test_kfac_handles_conv_layers_and_accumulates_tasks():
     conv_A = terms[0][1]
     assert conv_A.shape == (1 * 9 + 1, 1 * 9 + 1)
     assert float(strategy.penalty().detach()) == pytest.approx(0.0, abs=1e-6)  # at the anchor
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_fast_linear_diagonal_equals_the_per_sample_jacobian_path(loss, kind):
+    torch.manual_seed(0)
+    n, d, c = 60, 20, 5
+    x = torch.randn(n, d)
+    y = torch.randint(0, c, (n,)) if loss == "ce" else torch.randn(n, c)
+    task = Task(0, x, y, x[:5], y[:5])
+    stream = Stream("toy", [task], "domain", loss, (d,), c, TrainDefaults(model="mlp", epochs=0))
+    strategy = make_strategy("ewc-diag")
+    strategy.setup(torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, c)), stream)
+    fast = fisher.diagonal(strategy, task, n, kind)
+    reference = sum((rows**2).sum(0) for rows in fisher.fisher_rows(strategy, task, n, kind)) / n
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-7)
