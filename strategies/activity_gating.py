@@ -60,10 +60,11 @@ class ActivityGating(Strategy):
         """The task's gates, one per gated layer (drawn once, deterministic in the run's seed)."""
         if task.id not in self.gates:
             device = next(self.model.parameters()).device
-            self.gates[task.id] = [
-                random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, self.rescale).to(device)
-                for k, layer in enumerate(self.gated)
-            ]
+            with torch.inference_mode(False):  # first drawn during evaluation; training must be able to use it
+                self.gates[task.id] = [
+                    random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, self.rescale)
+                    .to(device) for k, layer in enumerate(self.gated)
+                ]
         return self.gates[task.id]
 
     def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:

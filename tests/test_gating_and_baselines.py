@@ -80,3 +80,13 @@ def test_replay_reservoir_keeps_a_uniform_sample():
     kept = replay.x[:, 0]
     assert replay.filled == 100 and len(kept.unique()) == 100
     assert 3500 < float(kept.mean()) < 6500  # uniform over 0..9999 has mean 4999.5, sd of the mean ~290
+
+
+@pytest.mark.parametrize("name", ["activity-gating", "adaptive-gating"])
+def test_gating_hidden_units_of_an_mlp(tmp_path, monkeypatch, name):
+    """Gates first drawn during (inference-mode) evaluation must still work in training."""
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    stream = make_stream("permuted-mnist", tasks=2, root=str(write_idx_dataset(tmp_path / "m")))
+    r = run(stream, make_strategy(name, alpha=0.5, layers="hidden", epochs=2), device="cpu", progress=False,
+            model_args={"widths": (64, 64)})
+    assert min(r.R[1][0], r.R[2][1]) > 0.3  # chance is 0.1
