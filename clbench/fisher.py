@@ -86,6 +86,19 @@ def fisher_rows(strategy, task: Task, samples: int, kind: str = "true", chunk_en
     strategy.model.train(was_training)
 
 
+def _capture(layers: list[nn.Module]):
+    """Forward hooks keeping each layer's input and its output (with the output's gradient retained)."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def keep(module, args, out):
+        inputs[module] = args[0].detach()
+        out.retain_grad()
+        outputs[module] = out
+
+    return inputs, outputs, [m.register_forward_hook(keep) for m in layers]
+
+
 def diagonal(strategy, task: Task, samples: int, kind: str = "true") -> torch.Tensor:
     """Diagonal of the Fisher, a vector of length P (in the order of the trainable parameters).
 
@@ -108,15 +121,7 @@ def _linear_diagonal(strategy, task: Task, n: int, kind: str, batch_size: int = 
     if kind not in FISHER_KINDS or not all(id(p) in owner for p in params):
         return None
     layers = [m for m in layers if m.weight.requires_grad]
-    inputs: dict[nn.Module, torch.Tensor] = {}
-    outputs: dict[nn.Module, torch.Tensor] = {}
-
-    def keep(module, args, out):
-        inputs[module] = args[0].detach()
-        out.retain_grad()
-        outputs[module] = out
-
-    handles = [m.register_forward_hook(keep) for m in layers]
+    inputs, outputs, handles = _capture(layers)
     diag = {id(p): torch.zeros_like(p) for p in params}
     was_training = strategy.model.training
     strategy.model.eval()
@@ -205,15 +210,7 @@ def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int
     layers = [m for m in strategy.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
     if not layers:
         raise ClbenchError("K-FAC found no trainable Linear or Conv2d layer in the model")
-    inputs: dict[nn.Module, torch.Tensor] = {}
-    outputs: dict[nn.Module, torch.Tensor] = {}
-
-    def keep(module, args, out):
-        inputs[module] = args[0].detach()
-        out.retain_grad()
-        outputs[module] = out
-
-    handles = [m.register_forward_hook(keep) for m in layers]
+    inputs, outputs, handles = _capture(layers)
     sums = {m: [0.0, 0.0] for m in layers}
     n = min(samples, len(task.train_x))
     was_training = strategy.model.training
