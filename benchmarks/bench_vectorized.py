@@ -3,7 +3,7 @@
 Both sides train finetune with the same settings and produce the same matrices
 (tests/test_vectorized.py); the script prints both rates and their ratio.
 
-    python benchmarks/bench_vectorized.py [--seeds 8] [--tasks 3] [--train-samples 10000] [--epochs 1]
+    python benchmarks/bench_vectorized.py [--seeds 8] [--tasks 3] [--train-samples 10000] [--epochs 1] [--widths 400,400]
 """
 from __future__ import annotations
 
@@ -23,17 +23,20 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--widths", default="400,400", help="hidden widths of the MLP (default: the stream's)")
     args = parser.parse_args()
     stream = make_stream("permuted-fashion-mnist", tasks=args.tasks, train_samples=args.train_samples)
     seeds = list(range(args.seeds))
+    model_args = {"widths": tuple(int(w) for w in args.widths.split(","))}
     print(f"permuted Fashion-MNIST, {args.tasks} tasks, {args.train_samples} training images, {args.epochs} epoch(s), "
-          f"MLP 784-400-400-10, finetune, {len(seeds)} seeds, device {args.device}")
+          f"MLP 784-{args.widths.replace(',', '-')}-10, finetune, {len(seeds)} seeds, device {args.device}")
     start = time.perf_counter()
-    separate = [run(stream, make_strategy("finetune", epochs=args.epochs), device=args.device, seed=s, progress=False)
+    separate = [run(stream, make_strategy("finetune", epochs=args.epochs), device=args.device, seed=s, progress=False,
+                    model_args=model_args)
                 for s in seeds]
     t_separate = time.perf_counter() - start
     start = time.perf_counter()
-    batched = run_seeds(stream, seeds, epochs=args.epochs, device=args.device)
+    batched = run_seeds(stream, seeds, epochs=args.epochs, device=args.device, model_args=model_args)
     t_batched = time.perf_counter() - start
     gap = max(float(np.abs(np.array(b["R"]) - np.array(r.R)).max()) for b, r in zip(batched, separate))
     print(f"one after another: {len(seeds) / t_separate:6.2f} runs/s ({t_separate:.1f} s)")
