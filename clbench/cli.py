@@ -138,8 +138,11 @@ def _add_sweep(sub) -> None:
                     "and write one JSON record per finished run into --store. Rerunning the same sweep runs "
                     "only the missing cells. The grid comes from a TOML file (see clbench/sweep.py) or from "
                     "inline lists: comma-separated values are grid axes.",
-        epilog="example:\n  clbench sweep --stream teacher-student --stream-arg rho_a=0,0.5,1 "
-               "--stream-arg rho_b=0,0.5,1 --strategy finetune,ewc-full --seeds 0,1,2 --store results/ts",
+        epilog="examples:\n  clbench sweep --stream teacher-student --stream-arg rho_a=0,0.5,1 "
+               "--stream-arg rho_b=0,0.5,1 --strategy finetune,ewc-full --seeds 0,1,2 --store results/ts\n"
+               "  clbench sweep sweeps/teacher_student.toml --store results/ts --jobs 2\n"
+               "  ray start --head --port 6379   # then, on any machine that reaches it:\n"
+               "  clbench sweep sweeps/teacher_student.toml --store results/ts --executor ray --address HEAD:6379",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", help="sweep file (TOML)")
     p.add_argument("--stream", help="comma-separated stream names")
@@ -148,8 +151,16 @@ def _add_sweep(sub) -> None:
     p.add_argument("--strategy-arg", action="append", metavar="KEY=V1,V2", help="strategy argument or axis")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--store", required=True, help="results folder (one JSON per run)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel local processes")
+    p.add_argument("--jobs", type=int, default=1, help="parallel local processes (executor 'processes')")
     p.add_argument("--device", default=None, help="device for every run (default: the file's, else cpu)")
+    p.add_argument("--executor", choices=("processes", "ray"), default="processes",
+                   help="'processes': this machine (default); 'ray': one Ray task per cell "
+                        "(pip install 'clbench[ray]')")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="Ray head to connect to (default: $RAY_ADDRESS, else a new local Ray instance)")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help="GPUs each Ray task asks for (default 1 with --device cuda, else 0; fractions share a GPU)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -173,7 +184,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cells = sweep.expand(spec)
     store = Store(args.store)
     device = args.device or spec.get("device", "cpu")
-    ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet)
+    if args.executor != "ray" and (args.address or args.gpus_per_run is not None):
+        raise ClbenchError("--address and --gpus-per-run apply to --executor ray only")
+    ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet,
+                                   executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
+                                   gpus_per_run=args.gpus_per_run)
     print(f"sweep: {len(cells)} cells, ran {ran}, skipped {skipped} already in {args.store}")
     return 0
 

@@ -60,6 +60,9 @@ class TrainingDiverged(ClbenchError):
         super().__init__(message)
         self.partial = partial
 
+    def __reduce__(self):  # picklable, so sweep workers (processes, Ray tasks) can send it back
+        return type(self), (str(self), self.partial)
+
 
 def _finite(obj: Any) -> Any:
     """JSON has no NaN: write None instead."""

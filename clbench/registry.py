@@ -131,12 +131,19 @@ def parse_key_values(pairs: list[str] | None, what: str) -> dict[str, Any]:
     return out
 
 
+LOADED_PLUGINS: list[str] = []  # what load_plugin imported (files as absolute paths), for sweep workers to repeat
+
+
 def load_plugin(spec: str) -> None:
-    """Import a user's file (``path/to/file.py``) or module so its registrations run."""
+    """Import a user's file (``path/to/file.py``) or module so its registrations run; once per spec."""
     path = Path(spec)
     if spec.endswith(".py"):
         if not path.is_file():
             raise ClbenchError(f"plugin file {spec!r} not found; pass the path of a .py file that registers your code")
+        spec = str(path.resolve())
+    if spec in LOADED_PLUGINS:
+        return
+    if spec.endswith(".py"):
         module_name = f"clbench_plugin_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
@@ -147,3 +154,4 @@ def load_plugin(spec: str) -> None:
             importlib.import_module(spec)
         except ModuleNotFoundError as e:
             raise ClbenchError(f"plugin module {spec!r} cannot be imported ({e}); pass a module on PYTHONPATH or a .py file") from None
+    LOADED_PLUGINS.append(spec)

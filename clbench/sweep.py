@@ -23,14 +23,16 @@ import hashlib
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from clbench.errors import ClbenchError
+from clbench.registry import LOADED_PLUGINS
 from clbench.store import Store
 
 
@@ -83,14 +85,16 @@ def git_commit() -> str | None:
         return None
 
 
-def run_cell(cell: dict[str, Any], device: str, store_root: str, threads: int | None = None,
-             commit: str | None = None) -> str:
-    """Run one cell and write its record; returns its id. Runs in worker processes too."""
+def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, commit: str | None = None,
+             executor: str = "local", plugins: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run one cell and return its record (the caller stores it). Runs in worker processes and Ray tasks too."""
     import torch
 
     import clbench
-    from clbench.registry import arguments, lookup
+    from clbench.registry import arguments, load_plugin, lookup
 
+    for plugin in plugins:  # a fresh worker knows only the built-in names
+        load_plugin(plugin)
     if threads:
         torch.set_num_threads(threads)
     stream_args = dict(cell["stream_args"])
@@ -101,20 +105,99 @@ def run_cell(cell: dict[str, Any], device: str, store_root: str, threads: int | 
     result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"], device=device,
                          seed=cell["seed"], progress=False, config={"cell": cell})
     record = result.to_dict()
-    record.update(id=cell_id(cell), cell=cell, git_commit=commit)
-    Store(store_root).write(record["id"], record)
-    return record["id"]
+    record.update(id=cell_id(cell), cell=cell, git_commit=commit,
+                  worker={"executor": executor, "host": socket.gethostname(), "pid": os.getpid()})
+    return record
+
+
+Outcome = tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | None"]  # cell, record, error
+
+
+def _serial(todo: list[dict[str, Any]], device: str, commit: str | None) -> Iterator[Outcome]:
+    for cell in todo:
+        try:
+            yield cell, run_cell(cell, device, commit=commit), None
+        except Exception as e:  # one failed cell does not stop the sweep
+            yield cell, None, e
+
+
+def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int) -> Iterator[Outcome]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    plugins = tuple(LOADED_PLUGINS)
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], None if error else future.result(), error
+
+
+def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: str | None,
+         cpus_per_run: float, gpus_per_run: float | None) -> Iterator[Outcome]:
+    """Each cell is one Ray task; records come back to this process, which stores them as they finish."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": "warning", "log_to_driver": False}
+    if address:
+        host, _, port = address.split("://")[-1].rpartition(":")
+        try:  # Ray retries an unreachable head for minutes; fail at once instead
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ClbenchError(f"no Ray head answers at {address} ({e}); start one with `ray start --head` and "
+                               "pass its HOST:PORT to --address") from None
+        if host.strip("[]") in ("127.0.0.1", "localhost", "::1"):
+            # Ray rewrites loopback addresses to this machine's interface address by default; a head started on
+            # loopback (see tests/test_ray.py) is reachable only through loopback, so keep Ray there.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            options["_node_ip_address"] = "127.0.0.1"
+    else:
+        options["include_dashboard"] = False
+    try:
+        import ray
+    except ImportError:
+        raise ClbenchError("--executor ray needs Ray; install it with: pip install 'clbench[ray]'") from None
+    if gpus_per_run is None:
+        gpus_per_run = 1.0 if device.startswith("cuda") else 0.0
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray head at {address}" if address else "a local Ray instance"
+        raise ClbenchError(f"could not connect to {where} ({e}); start one with `ray start --head` and pass "
+                           "its HOST:PORT to --address") from None
+    try:
+        remote = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        threads = max(1, int(cpus_per_run))
+        plugins = tuple(LOADED_PLUGINS)
+        pending = {remote.remote(c, device, threads, commit, "ray", plugins): c for c in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(done[0])
+            try:
+                yield cell, ray.get(done[0]), None
+            except ray.exceptions.RayTaskError as e:
+                yield cell, None, e.cause if isinstance(e.cause, BaseException) else e
+            except ray.exceptions.RayError as e:  # a worker or node died
+                yield cell, None, e
+    finally:
+        ray.shutdown()
 
 
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
-              progress: bool = True) -> tuple[int, int]:
-    """Run the cells missing from ``store``; returns (ran, skipped)."""
+              progress: bool = True, executor: str = "processes", address: str | None = None,
+              cpus_per_run: float = 1.0, gpus_per_run: float | None = None) -> tuple[int, int]:
+    """Run the cells missing from ``store`` and store each record as it finishes; returns (ran, skipped).
+
+    ``executor``: ``"processes"`` (this machine; ``jobs`` processes, in this process when ``jobs`` is 1) or
+    ``"ray"`` (one Ray task per cell on the cluster at ``address``, or on a local Ray instance without one,
+    each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs; the default is one GPU for CUDA runs).
+    """
     from tqdm.auto import tqdm
 
-    from clbench import make_strategy, make_stream  # noqa: F401  (fail fast on bad names before any run)
     from clbench.registry import check_arguments, lookup
 
-    for cell in cells:
+    if executor not in ("processes", "ray"):
+        raise ClbenchError(f"unknown executor {executor!r}; use 'processes' (this machine) or 'ray'")
+    if jobs < 1:
+        raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
+    for cell in cells:  # fail fast on bad names and arguments, before any run
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
         check_arguments("strategy", cell["strategy"], lookup("strategy", cell["strategy"]), cell["strategy_args"])
     store.remove_partial()
@@ -122,28 +205,22 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     todo = [c for c in cells if cell_id(c) not in done]
     skipped = len(cells) - len(todo)
     commit = git_commit()
-    bar = tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep")
-    failures: list[str] = []
-
-    def finished(cell: dict[str, Any], error: BaseException | None) -> None:
-        bar.update(1)
-        if error is not None:
-            failures.append(f"{cell_id(cell)}: {type(error).__name__}: {error}")
-
-    if jobs <= 1:
-        for cell in todo:
-            try:
-                run_cell(cell, device, str(store.root), commit=commit)
-                finished(cell, None)
-            except Exception as e:  # one failed cell does not stop the sweep
-                finished(cell, e)
+    if not todo:
+        return 0, skipped
+    if executor == "ray":
+        outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run)
+    elif jobs > 1:
+        outcomes = _processes(todo, device, commit, jobs)
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs) as pool:
-            futures = {pool.submit(run_cell, c, device, str(store.root), threads, commit): c for c in todo}
-            for future in as_completed(futures):
-                finished(futures[future], future.exception())
-    bar.close()
+        outcomes = _serial(todo, device, commit)
+    failures: list[str] = []
+    with tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep") as bar:
+        for cell, record, error in outcomes:
+            if error is None:
+                store.write(record["id"], record)
+            else:
+                failures.append(f"{cell_id(cell)}: {type(error).__name__}: {error}")
+            bar.update(1)
     if failures:
         raise ClbenchError(f"{len(failures)} of {len(todo)} runs failed (the {len(todo) - len(failures)} others are "
                            f"stored; rerun to retry only the failed ones): " + " | ".join(failures[:5]))
