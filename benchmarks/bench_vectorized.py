@@ -3,6 +3,12 @@
 Both sides train finetune with the same settings and produce the same matrices
 (tests/test_vectorized.py); the script prints both rates and their ratio.
 
+It also prints the ceiling that no batching can pass: the run's matmul work
+(training forward and backward, and every evaluation of R) at this machine's
+measured fp32 matmul throughput. When one-after-another runs already sit close to
+that floor (a wide MLP on a CPU), vectorising cannot give much; small models and
+GPUs, where runs are dominated by per-step overhead, gain the most.
+
     python benchmarks/bench_vectorized.py [--seeds 8] [--tasks 3] [--train-samples 10000] [--epochs 1] [--widths 400,400]
 """
 from __future__ import annotations
@@ -11,9 +17,28 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from clbench import make_strategy, make_stream, run
 from clbench.vectorized import run_seeds
+
+
+def matmul_flops(dims: list[int], train_samples: int, test_samples: int, tasks: int, epochs: int) -> float:
+    """Multiply-add work of one run of an MLP with layer sizes ``dims``: training and the (T+1) x T evaluations."""
+    forward = 2 * sum(a * b for a, b in zip(dims, dims[1:]))
+    backward = 2 * forward - 2 * dims[0] * dims[1]  # no gradient for the input itself
+    return tasks * epochs * train_samples * (forward + backward) + (tasks + 1) * tasks * test_samples * forward
+
+
+def matmul_throughput(k: int, n: int, seconds: float = 1.0) -> float:
+    """Best fp32 matmul rate (FLOP/s) of this machine at a large, friendly shape."""
+    a, b = torch.randn(2048, k), torch.randn(k, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return count * 2 * 2048 * k * n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -42,6 +67,14 @@ def main() -> None:
     print(f"one after another: {len(seeds) / t_separate:6.2f} runs/s ({t_separate:.1f} s)")
     print(f"vectorised       : {len(seeds) / t_batched:6.2f} runs/s ({t_batched:.1f} s)")
     print(f"speed-up         : {t_separate / t_batched:.1f}x   (largest |R difference| {gap:.4f})")
+    if args.device == "cpu":
+        dims = [784, *model_args["widths"], 10]
+        task = stream.tasks[0]
+        flops = matmul_flops(dims, len(task.train_x), len(task.test_x), len(stream.tasks), args.epochs)
+        rate = matmul_throughput(784, sum(model_args["widths"]) * 4)
+        floor = len(seeds) * flops / rate
+        print(f"ceiling          : {len(seeds) / floor:6.2f} runs/s ({floor:.1f} s): {flops / 1e9:.0f} GFLOP of matmuls "
+              f"a run at {rate / 1e9:.0f} GFLOP/s; no batching can beat {t_separate / floor:.1f}x here")
 
 
 if __name__ == "__main__":
