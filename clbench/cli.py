@@ -184,8 +184,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cells = sweep.expand(spec)
     store = Store(args.store)
     device = args.device or spec.get("device", "cpu")
-    if args.executor != "ray" and (args.address or args.gpus_per_run is not None):
-        raise ClbenchError("--address and --gpus-per-run apply to --executor ray only")
+    if args.executor != "ray" and (args.address or args.gpus_per_run is not None or args.cpus_per_run != 1.0):
+        raise ClbenchError("--address, --cpus-per-run and --gpus-per-run apply to --executor ray only")
+    if args.executor == "ray" and args.jobs != 1:
+        raise ClbenchError("--jobs applies to local processes; with --executor ray, Ray runs as many cells at once "
+                           "as its CPUs and GPUs allow (see --cpus-per-run, --gpus-per-run)")
     ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet,
                                    executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
                                    gpus_per_run=args.gpus_per_run)

@@ -116,3 +116,12 @@ def test_executor_is_checked_before_any_run(tmp_path):
     with pytest.raises(sweep.ClbenchError, match="unknown executor 'dask'"):
         sweep.run_sweep(sweep.expand(sweep.inline_spec(["teacher-student"], {}, ["finetune"], {}, [0])),
                         Store(tmp_path), executor="dask", progress=False)
+
+
+def test_ray_only_options_need_the_ray_executor(cli, tmp_path):
+    code, _, err = cli("sweep", *CELLS[:4], "--strategy", "finetune", "--store", str(tmp_path), "--address", "h:1")
+    assert code == 2 and "apply to --executor ray only" in err
+    code, _, err = cli("sweep", *CELLS[:4], "--strategy", "finetune", "--store", str(tmp_path), "--executor", "ray",
+                       "--jobs", "2")
+    assert code == 2 and "--jobs applies to local processes" in err
+    assert not list(tmp_path.glob("*.json"))
