@@ -52,13 +52,17 @@ def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
     runs = runs.assign(rho_a=args.map(lambda a: a["rho_a"]), rho_b=args.map(lambda a: a["rho_b"]),
                        label=strategy_labels(runs))
     labels = sorted(runs["label"].unique())
-    fig, axes = plt.subplots(2, len(labels), figsize=(3.0 * len(labels) + 1.5, 7.0), squeeze=False,
+    per_row = min(len(labels), 3)  # strategies per row of the figure, each a transfer and a retention panel
+    rows = -(-len(labels) // per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.6 * per_row + 1.5, 3.2 * rows + 0.8), squeeze=False,
                              layout="constrained")
-    for col, label in enumerate(labels):
+    for ax in axes.flat[2 * len(labels):]:
+        ax.set_visible(False)
+    for k, label in enumerate(labels):
         sub = runs[runs["label"] == label]
-        for row, metric in enumerate(("transfer", "retention")):
+        for m, metric in enumerate(("transfer", "retention")):
             grid = sub.pivot_table(index="rho_a", columns="rho_b", values=metric, aggfunc="mean")
-            ax = axes[row, col]
+            ax = axes[k // per_row, 2 * (k % per_row) + m]
             image = ax.imshow(grid.to_numpy(), origin="lower", cmap="RdBu", vmin=-1, vmax=1,
                               extent=(-0.5, len(grid.columns) - 0.5, -0.5, len(grid.index) - 0.5))
             ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
@@ -80,11 +84,11 @@ def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric:
                            f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")
     table["label"] = strategy_labels(table)
     agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean")).sort_values("mean")
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(agg) + 1.5))
+    width = 4.5 + 0.075 * max(len(label) for label in agg.index)  # room for the longest label
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(agg) + 1.8), layout="constrained")
     ax.barh(agg.index, agg["mean"], xerr=agg["ci"].fillna(0), color="tab:blue", capsize=3)
-    ax.set_xlabel(f"{metric} (mean over stream configs; bars: mean 95% CI over seeds)")
+    ax.set_xlabel(f"{metric}, mean over stream configs\n(error bars: mean 95% CI over seeds)")
     ax.set_ylabel("strategy")
-    ax.set_title(f"Leaderboard: {os.path.basename(str(csv))}")
-    fig.tight_layout()
+    fig.suptitle(f"Leaderboard: {os.path.basename(str(csv))}")
     fig.savefig(output, dpi=120)
     plt.close(fig)
