@@ -239,7 +239,8 @@ def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int
             h.remove()
         strategy.model.zero_grad(set_to_none=True)
         strategy.model.train(was_training)
-    return [(m, sums[m][0] / n, sums[m][1] / n) for m in layers]
+    symmetric = lambda M: (M + M.T) / (2 * n)  # noqa: E731  (exactly symmetric, as kfac_quadratic assumes)
+    return [(m, symmetric(sums[m][0]), symmetric(sums[m][1])) for m in layers]
 
 
 def _layer_activations(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,10 +256,26 @@ def _layer_activations(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[
     return a.float(), g.float()
 
 
+class _KroneckerQuadratic(torch.autograd.Function):
+    """q(dW) = tr(G dW A dW^T) for symmetric A, G. Its gradient 2 G dW A is the product the value needs,
+    so the backward pass costs no matmul (plain autograd would spend two more)."""
+
+    @staticmethod
+    def forward(ctx, dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        GdWA = (G @ dW) @ A
+        ctx.save_for_backward(GdWA)
+        return (dW * GdWA).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (GdWA,) = ctx.saved_tensors
+        return 2 * grad * GdWA, None, None
+
+
 def kfac_quadratic(m: nn.Module, A: torch.Tensor, G: torch.Tensor, d_weight: torch.Tensor,
                    d_bias: torch.Tensor | None) -> torch.Tensor:
-    """vec(dW)^T (A (x) G) vec(dW) = tr(G dW A dW^T), with dW = [weight change, bias change]."""
+    """vec(dW)^T (A (x) G) vec(dW) = tr(G dW A dW^T), with dW = [weight change, bias change]; A, G symmetric."""
     dW = d_weight.reshape(d_weight.shape[0], -1)
     if d_bias is not None:
         dW = torch.cat([dW, d_bias.reshape(-1, 1)], 1)
-    return ((G @ dW) * (dW @ A)).sum()
+    return _KroneckerQuadratic.apply(dW, A.detach(), G.detach())

@@ -108,3 +108,22 @@ def test_fast_linear_diagonal_equals_the_per_sample_jacobian_path(loss, kind):
     fast = fisher.diagonal(strategy, task, n, kind)
     reference = sum((rows**2).sum(0) for rows in fisher.fisher_rows(strategy, task, n, kind)) / n
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_kfac_quadratic_gradient_equals_autograd_of_the_plain_form():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(5, 3)
+    X, Y = torch.randn(40, 6), torch.randn(30, 3)
+    A, G = X.T @ X / 40, Y.T @ Y / 30
+    dW = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    db = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    q = fisher.kfac_quadratic(module, A.double(), G.double(), dW, db)
+    q.backward()
+    plain_w, plain_b = dW.detach().clone().requires_grad_(), db.detach().clone().requires_grad_()
+    D = torch.cat([plain_w, plain_b[:, None]], 1)
+    reference = torch.trace(G.double() @ D @ A.double() @ D.T)
+    reference.backward()
+    assert q.item() == pytest.approx(reference.item(), rel=1e-10)
+    assert torch.allclose(dW.grad, plain_w.grad, rtol=1e-10) and torch.allclose(db.grad, plain_b.grad, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda w, b: fisher.kfac_quadratic(module, A.double(), G.double(), w, b),
+                                    (dW.detach().requires_grad_(), db.detach().requires_grad_()))
