@@ -15,6 +15,7 @@ keeps the rows (or their Gram matrix F when that is smaller), so
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -86,8 +87,10 @@ def fisher_rows(strategy, task: Task, samples: int, kind: str = "true", chunk_en
     strategy.model.train(was_training)
 
 
-def _capture(layers: list[nn.Module]):
-    """Forward hooks keeping each layer's input and its output (with the output's gradient retained)."""
+@contextlib.contextmanager
+def _capture(strategy, layers: list[nn.Module]):
+    """The model in eval mode with forward hooks keeping each layer's input and its output (with the
+    output's gradient retained); hooks, gradients and the training mode are restored on exit."""
     inputs: dict[nn.Module, torch.Tensor] = {}
     outputs: dict[nn.Module, torch.Tensor] = {}
 
@@ -96,7 +99,16 @@ def _capture(layers: list[nn.Module]):
         out.retain_grad()
         outputs[module] = out
 
-    return inputs, outputs, [m.register_forward_hook(keep) for m in layers]
+    handles = [m.register_forward_hook(keep) for m in layers]
+    was_training = strategy.model.training
+    strategy.model.eval()
+    try:
+        yield inputs, outputs
+    finally:
+        for h in handles:
+            h.remove()
+        strategy.model.zero_grad(set_to_none=True)
+        strategy.model.train(was_training)
 
 
 def diagonal(strategy, task: Task, samples: int, kind: str = "true") -> torch.Tensor:
@@ -121,11 +133,8 @@ def _linear_diagonal(strategy, task: Task, n: int, kind: str, batch_size: int = 
     if kind not in FISHER_KINDS or not all(id(p) in owner for p in params):
         return None
     layers = [m for m in layers if m.weight.requires_grad]
-    inputs, outputs, handles = _capture(layers)
     diag = {id(p): torch.zeros_like(p) for p in params}
-    was_training = strategy.model.training
-    strategy.model.eval()
-    try:
+    with _capture(strategy, layers) as (inputs, outputs):
         for start in range(0, n, batch_size):
             x = task.inputs(task.train_x[start:min(start + batch_size, n)])
             out = strategy.predict(x, task).float()
@@ -152,11 +161,6 @@ def _linear_diagonal(strategy, task: Task, n: int, kind: str, batch_size: int = 
                     diag[id(m.weight)] += g2.T @ a2
                     if m.bias is not None and m.bias.requires_grad:
                         diag[id(m.bias)] += g2.sum(0)
-    finally:
-        for h in handles:
-            h.remove()
-        strategy.model.zero_grad(set_to_none=True)
-        strategy.model.train(was_training)
     return torch.cat([diag[id(p)].reshape(-1) for p in params]) / n
 
 
@@ -210,12 +214,9 @@ def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int
     layers = [m for m in strategy.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
     if not layers:
         raise ClbenchError("K-FAC found no trainable Linear or Conv2d layer in the model")
-    inputs, outputs, handles = _capture(layers)
     sums = {m: [0.0, 0.0] for m in layers}
     n = min(samples, len(task.train_x))
-    was_training = strategy.model.training
-    strategy.model.eval()
-    try:
+    with _capture(strategy, layers) as (inputs, outputs):
         for start in range(0, n, batch_size):
             x = task.inputs(task.train_x[start:min(start + batch_size, n)])
             out = strategy.predict(x, task).float()
@@ -234,11 +235,6 @@ def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int
                 a, g = _layer_activations(m, inputs[m], outputs[m].grad)
                 sums[m][0] = sums[m][0] + a.T @ a * (len(x) / len(a))
                 sums[m][1] = sums[m][1] + g.T @ g
-    finally:
-        for h in handles:
-            h.remove()
-        strategy.model.zero_grad(set_to_none=True)
-        strategy.model.train(was_training)
     symmetric = lambda M: (M + M.T) / (2 * n)  # noqa: E731  (exactly symmetric, as kfac_quadratic assumes)
     return [(m, symmetric(sums[m][0]), symmetric(sums[m][1])) for m in layers]
 
