@@ -1,6 +1,7 @@
 """Registries of streams, strategies and models, looked up by name.
 
-Built-in entries live in the top-level ``streams`` and ``strategies`` packages
+Built-in entries live in ``clbench.streams`` and ``clbench.strategies`` (the folders
+``streams/`` and ``strategies/`` at the repository root)
 and in :mod:`clbench.models`; they are imported lazily, the first time a
 registry is read, so the core never imports a concrete stream or strategy at
 module level. A user's own class registers with the same decorators from any
@@ -52,7 +53,7 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for module in ("clbench.models", "streams", "strategies"):
+        for module in ("clbench.models", "clbench.streams", "clbench.strategies"):
             importlib.import_module(module)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from clbench.registry import register_strategy
 from clbench.types import Task
-from strategies.activity_gating import ActivityGating, random_gate
+from clbench.strategies.activity_gating import ActivityGating, random_gate
 
 
 @register_strategy("adaptive-gating")

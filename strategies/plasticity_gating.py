@@ -17,7 +17,7 @@ from clbench.errors import ClbenchError, check_unit_interval
 from clbench.registry import register_strategy
 from clbench.strategy import Strategy
 from clbench.types import Stream, Task
-from strategies.activity_gating import random_gate
+from clbench.strategies.activity_gating import random_gate
 
 
 @register_strategy("plasticity-gating")

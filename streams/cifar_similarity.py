@@ -29,8 +29,8 @@ from clbench.errors import ClbenchError, check_unit_interval
 from clbench.registry import register_stream
 from clbench.transforms import Normalize, RandomCropFlip
 from clbench.types import Stream, Task, TrainDefaults
-from streams._common import check_positive, check_scenario, cyclic_derangement, subset
-from streams.split import CIFAR_MEAN_STD
+from clbench.streams._common import check_positive, check_scenario, cyclic_derangement, subset
+from clbench.streams.split import CIFAR_MEAN_STD
 
 
 def superclass_tasks(coarse_of: np.ndarray, tasks: int, k: int, rho_a: float, rho_b: float,

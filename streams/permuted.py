@@ -31,7 +31,7 @@ from clbench.errors import ClbenchError, check_unit_interval
 from clbench.registry import register_stream
 from clbench.transforms import PixelPermutation
 from clbench.types import Stream, Task, TrainDefaults
-from streams._common import check_positive, check_scenario, cyclic_derangement, subset
+from clbench.streams._common import check_positive, check_scenario, cyclic_derangement, subset
 
 PIXELS = 784
 

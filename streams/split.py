@@ -16,7 +16,7 @@ from clbench.errors import ClbenchError
 from clbench.registry import register_stream
 from clbench.transforms import Normalize, RandomCropFlip, Scale
 from clbench.types import Stream, Task, TrainDefaults
-from streams._common import check_positive, check_scenario, subset
+from clbench.streams._common import check_positive, check_scenario, subset
 
 CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                   "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}

@@ -70,7 +70,7 @@ def test_si_and_lwf_retain_more_than_finetune(name, args, gain):
 
 
 def test_replay_reservoir_keeps_a_uniform_sample():
-    from strategies.replay import Replay
+    from clbench.strategies.replay import Replay
 
     replay = Replay(buffer_size=100)
     task = type("T", (), {"id": 0})()

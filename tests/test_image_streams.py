@@ -5,7 +5,7 @@ import torch
 
 from clbench import ClbenchError, make_strategy, make_stream, run
 from fake_data import write_cifar, write_idx_dataset
-from streams.permuted import next_label_map, next_permutation
+from clbench.streams.permuted import next_label_map, next_permutation
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_latent_readout_keeps_rho_b_share_of_entries(mnist_root, rho_b):
 
 
 def test_latent_targets_are_the_code_times_b(mnist_root):
-    from streams.permuted import latent_codes
+    from clbench.streams.permuted import latent_codes
 
     s = make_stream("permuted-mnist", tasks=2, readout="latent", root=mnist_root)
     assert s.loss == "mse" and s.num_outputs == 10

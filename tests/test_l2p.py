@@ -9,7 +9,7 @@ import torch
 import clbench
 from clbench.pretrain import checkpoint_metadata, pretrain, synthetic_digits
 from clbench.types import Stream, Task, TrainDefaults
-from strategies.l2p import L2P
+from clbench.strategies.l2p import L2P
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clbench import make_strategy, make_stream, run
-from streams.teacher_student import theory
+from clbench.streams.teacher_student import theory
 
 GRID = [(a, b) for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
 
