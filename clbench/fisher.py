@@ -235,8 +235,7 @@ def kfac(strategy, task: Task, samples: int, kind: str = "true", batch_size: int
                 a, g = _layer_activations(m, inputs[m], outputs[m].grad)
                 sums[m][0] = sums[m][0] + a.T @ a * (len(x) / len(a))
                 sums[m][1] = sums[m][1] + g.T @ g
-    symmetric = lambda M: (M + M.T) / (2 * n)  # noqa: E731  (exactly symmetric, as kfac_quadratic assumes)
-    return [(m, symmetric(sums[m][0]), symmetric(sums[m][1])) for m in layers]
+    return [(m, symmetric_part(sums[m][0]) / n, symmetric_part(sums[m][1]) / n) for m in layers]
 
 
 def _layer_activations(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,13 +251,20 @@ def _layer_activations(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[
     return a.float(), g.float()
 
 
+def symmetric_part(M: torch.Tensor) -> torch.Tensor:
+    """(M + M^T) / 2, exactly symmetric in floating point (x + y == y + x); an exactly symmetric M is returned
+    unchanged bit for bit. A float32 ``X.T @ X`` is not always bit-symmetric (it depends on the BLAS)."""
+    return (M + M.mT) / 2
+
+
 class _KroneckerQuadratic(torch.autograd.Function):
-    """q(dW) = tr(G dW A dW^T) for symmetric A, G. Its gradient 2 G dW A is the product the value needs,
-    so the backward pass costs no matmul (plain autograd would spend two more)."""
+    """q(dW) = tr(G dW A dW^T) with A, G replaced by their exactly symmetric parts (the quadratic form of a
+    Fisher block only sees those). Its gradient 2 G dW A is then the product the value needs, so the backward
+    pass costs no matmul (plain autograd would spend two more)."""
 
     @staticmethod
     def forward(ctx, dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        GdWA = (G @ dW) @ A
+        GdWA = (symmetric_part(G) @ dW) @ symmetric_part(A)
         ctx.save_for_backward(GdWA)
         return (dW * GdWA).sum()
 
@@ -270,7 +276,8 @@ class _KroneckerQuadratic(torch.autograd.Function):
 
 def kfac_quadratic(m: nn.Module, A: torch.Tensor, G: torch.Tensor, d_weight: torch.Tensor,
                    d_bias: torch.Tensor | None) -> torch.Tensor:
-    """vec(dW)^T (A (x) G) vec(dW) = tr(G dW A dW^T), with dW = [weight change, bias change]; A, G symmetric."""
+    """vec(dW)^T (A (x) G) vec(dW) = tr(G dW A dW^T), with dW = [weight change, bias change]; A and G are used
+    through their exactly symmetric parts, so any caller's factors (e.g. a float32 ``X.T @ X``) are safe."""
     dW = d_weight.reshape(d_weight.shape[0], -1)
     if d_bias is not None:
         dW = torch.cat([dW, d_bias.reshape(-1, 1)], 1)

@@ -90,6 +90,8 @@ def test_kfac_handles_conv_layers_and_accumulates_tasks():
     assert form == "kfac" and len(terms) == 2 * 3  # two layers, three tasks
     assert sorted({w for *_, w in terms}) == [0.25, 0.5, 1.0]
     conv_A = terms[0][1]
+    for term in terms:  # kfac_quadratic's one-product gradient relies on exactly symmetric factors
+        assert torch.equal(term[1], term[1].T) and torch.equal(term[2], term[2].T)
     assert conv_A.shape == (1 * 9 + 1, 1 * 9 + 1)
     assert float(strategy.penalty().detach()) == pytest.approx(0.0, abs=1e-6)  # at the anchor
 
@@ -114,14 +116,15 @@ def test_kfac_quadratic_gradient_equals_autograd_of_the_plain_form():
     torch.manual_seed(0)
     module = torch.nn.Linear(5, 3)
     X, Y = torch.randn(40, 6), torch.randn(30, 3)
-    A, G = X.T @ X / 40, Y.T @ Y / 30
+    A, G = X.T @ X / 40, Y.T @ Y / 30  # float32: not bit-symmetric with every BLAS; kfac_quadratic must not care
+    A[0, 1] += 1e-7  # make sure of it
     dW = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     db = torch.randn(3, dtype=torch.float64, requires_grad=True)
     q = fisher.kfac_quadratic(module, A.double(), G.double(), dW, db)
     q.backward()
     plain_w, plain_b = dW.detach().clone().requires_grad_(), db.detach().clone().requires_grad_()
     D = torch.cat([plain_w, plain_b[:, None]], 1)
-    reference = torch.trace(G.double() @ D @ A.double() @ D.T)
+    reference = torch.trace(fisher.symmetric_part(G.double()) @ D @ fisher.symmetric_part(A.double()) @ D.T)
     reference.backward()
     assert q.item() == pytest.approx(reference.item(), rel=1e-10)
     assert torch.allclose(dW.grad, plain_w.grad, rtol=1e-10) and torch.allclose(db.grad, plain_b.grad, rtol=1e-10)
