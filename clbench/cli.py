@@ -53,6 +53,8 @@ def _add_run(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast (CUDA)")
     p.add_argument("--output", metavar="FILE.json", help="write the full result as JSON")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's); same seed + same threads = same R bit for bit")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -156,6 +158,9 @@ def _add_sweep(sub) -> None:
     p.add_argument("--executor", choices=("processes", "ray"), default="processes",
                    help="'processes': this machine (default); 'ray': one Ray task per cell "
                         "(pip install 'clbench[ray]')")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per run (default: all cores for one job, cores/jobs for several, "
+                        "--cpus-per-run on Ray); same seed + same threads = same R bit for bit")
     p.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="Ray head to connect to (default: $RAY_ADDRESS, else a new local Ray instance)")
     p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)")
@@ -191,7 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            "as its CPUs and GPUs allow (see --cpus-per-run, --gpus-per-run)")
     ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet,
                                    executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
-                                   gpus_per_run=args.gpus_per_run)
+                                   gpus_per_run=args.gpus_per_run, threads=args.threads)
     print(f"sweep: {len(cells)} cells, ran {ran}, skipped {skipped} already in {args.store}")
     return 0
 
@@ -366,6 +371,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ClbenchError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.stream is None and args.strategy is None and not (args.stream_arg or args.strategy_arg):
         return _demo(args)
     return _single_run(args)

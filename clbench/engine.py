@@ -176,8 +176,10 @@ def run(
     raw = np.full((T + 1, T), np.nan)
     curves: list[list[float]] = []
     config = dict(config or {})
+    # threads: same seed + same thread count gives the same R bit for bit on CPU (README, "Determinism")
     config.update(stream=stream.name, strategy=strategy.name, scenario=stream.scenario, device=str(dev),
-                  precision=precision, seed=seed, provenance=stream.provenance, **settings)
+                  precision=precision, seed=seed, threads=torch.get_num_threads(), provenance=stream.provenance,
+                  **settings)
     start = time.perf_counter()
 
     def result(complete: bool) -> Result:

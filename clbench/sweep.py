@@ -113,16 +113,17 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
 Outcome = tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | None"]  # cell, record, error
 
 
-def _serial(todo: list[dict[str, Any]], device: str, commit: str | None) -> Iterator[Outcome]:
+def _serial(todo: list[dict[str, Any]], device: str, commit: str | None, threads: int | None) -> Iterator[Outcome]:
     for cell in todo:
         try:
-            yield cell, run_cell(cell, device, commit=commit), None
+            yield cell, run_cell(cell, device, threads, commit=commit), None
         except Exception as e:  # one failed cell does not stop the sweep
             yield cell, None, e
 
 
-def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int) -> Iterator[Outcome]:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
+               threads: int | None) -> Iterator[Outcome]:
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     plugins = tuple(LOADED_PLUGINS)
     with ProcessPoolExecutor(jobs) as pool:
         futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}
@@ -132,7 +133,7 @@ def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs
 
 
 def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: str | None,
-         cpus_per_run: float, gpus_per_run: float | None) -> Iterator[Outcome]:
+         cpus_per_run: float, gpus_per_run: float | None, threads: int | None) -> Iterator[Outcome]:
     """Each cell is one Ray task; records come back to this process, which stores them as they finish."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": "warning", "log_to_driver": False}
@@ -164,7 +165,7 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
                            "its HOST:PORT to --address") from None
     try:
         remote = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
-        threads = max(1, int(cpus_per_run))
+        threads = threads or max(1, int(cpus_per_run))
         plugins = tuple(LOADED_PLUGINS)
         pending = {remote.remote(c, device, threads, commit, "ray", plugins): c for c in todo}
         while pending:
@@ -182,12 +183,15 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
 
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
               progress: bool = True, executor: str = "processes", address: str | None = None,
-              cpus_per_run: float = 1.0, gpus_per_run: float | None = None) -> tuple[int, int]:
+              cpus_per_run: float = 1.0, gpus_per_run: float | None = None,
+              threads: int | None = None) -> tuple[int, int]:
     """Run the cells missing from ``store`` and store each record as it finishes; returns (ran, skipped).
 
     ``executor``: ``"processes"`` (this machine; ``jobs`` processes, in this process when ``jobs`` is 1) or
     ``"ray"`` (one Ray task per cell on the cluster at ``address``, or on a local Ray instance without one,
     each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs; the default is one GPU for CUDA runs).
+    ``threads``: torch threads per run (default: this process's for one job, cores / jobs for several,
+    ``cpus_per_run`` on Ray). Same seed and same thread count give the same R bit for bit on CPU.
     """
     from tqdm.auto import tqdm
 
@@ -197,6 +201,8 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         raise ClbenchError(f"unknown executor {executor!r}; use 'processes' (this machine) or 'ray'")
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise ClbenchError(f"--threads must be at least 1, got {threads}")
     for cell in cells:  # fail fast on bad names and arguments, before any run
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
         check_arguments("strategy", cell["strategy"], lookup("strategy", cell["strategy"]), cell["strategy_args"])
@@ -208,11 +214,11 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     if not todo:
         return 0, skipped
     if executor == "ray":
-        outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run)
+        outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads)
     elif jobs > 1:
-        outcomes = _processes(todo, device, commit, jobs)
+        outcomes = _processes(todo, device, commit, jobs, threads)
     else:
-        outcomes = _serial(todo, device, commit)
+        outcomes = _serial(todo, device, commit, threads)
     failures: list[str] = []
     with tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep") as bar:
         for cell, record, error in outcomes:

@@ -125,7 +125,7 @@ def test_models_for_images_run(tmp_path):
     assert build_model("vit-tiny", (3, 32, 32), 7)(x).shape == (2, 7)
 
 
-def test_cli_run_on_real_permuted_fashion_mnist(cli):
+def test_cli_run_on_real_permuted_fashion_mnist(cli, real_fashion_mnist):
     code, out, err = cli("run", "--stream", "permuted-fashion-mnist", "--strategy", "finetune",
                          "--stream-arg", "tasks=3", "--strategy-arg", "epochs=1", "--device", "cpu")
     assert code == 0, err

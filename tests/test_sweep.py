@@ -15,9 +15,7 @@ from clbench import ClbenchError, leaderboard, sweep
 from clbench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["sweep", "--stream", "teacher-student", "--stream-arg", "rho_a=0,0.25,0.5,0.75,1",
-         "--stream-arg", "input_dim=300", "--strategy", "finetune,l2", "--strategy-arg", "epochs=400",
-         "--seeds", "0,1", "--quiet"]
+PLUGIN = str(ROOT / "tests" / "plugin_blocking.py")
 
 
 def _clbench(*args, **kw):
@@ -27,30 +25,36 @@ def _clbench(*args, **kw):
 
 
 def test_killed_sweep_resumes_with_only_the_missing_cells(tmp_path):
-    store = tmp_path / "store"
-    proc = _clbench(*SWEEP, "--store", str(store))
-    deadline = time.time() + 120
-    while len(list(store.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the sweep finished before it could be killed; make its runs longer"
+    """Cells 0-2 finish, cell 3 waits for a file that does not exist yet: the sweep is surely alive when
+    killed, however fast or slow the machine."""
+    store, gate = tmp_path / "store", tmp_path / "gate"
+    args = ["--plugin", PLUGIN, "sweep", "--stream", "teacher-student", "--stream-arg", "input_dim=300",
+            "--strategy", "test-wait-for-file", "--strategy-arg", "index=0,1,2,3,4,5",
+            "--strategy-arg", f"gate={gate}", "--strategy-arg", "epochs=20", "--quiet", "--store", str(store)]
+    proc = _clbench(*args)
+    while len(list(store.glob("*.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)  # cell 3 is waiting for the gate: nothing more can be written
+    assert proc.poll() is None, proc.communicate()[1]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p.name for p in store.glob("*.json")}
-    assert 3 <= len(before) < 20
+    assert len(before) == 3
     for p in store.glob("*.json"):
-        json.loads(p.read_text())  # every record on disk is complete
+        assert json.loads(p.read_text())["cell"]["strategy_args"]["index"] < 3  # every record on disk is complete
 
-    proc = _clbench(*SWEEP, "--store", str(store))
-    out, err = proc.communicate(timeout=300)
+    gate.touch()
+    proc = _clbench(*args)
+    out, err = proc.communicate()
     assert proc.returncode == 0, err
-    assert f"20 cells, ran {20 - len(before)}, skipped {len(before)}" in out
+    assert "6 cells, ran 3, skipped 3" in out
     records = list(Store(store).records())
-    assert len(records) == 20 and len({r["id"] for r in records}) == 20
+    assert len(records) == 6 and len({r["id"] for r in records}) == 6
     assert not list(store.glob("*.tmp*"))
     # a third run has nothing to do
-    proc = _clbench(*SWEEP, "--store", str(store))
-    out, _ = proc.communicate(timeout=120)
-    assert "ran 0, skipped 20" in out
+    proc = _clbench(*args)
+    out, _ = proc.communicate()
+    assert "ran 0, skipped 6" in out
 
 
 def test_expand_and_stable_ids(tmp_path):
