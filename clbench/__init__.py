@@ -29,8 +29,7 @@ def make_stream(name: str, **args: Any) -> Stream:
     from clbench.registry import check_arguments, lookup
 
     builder = lookup("stream", name)
-    check_arguments("stream", name, builder, args)
-    return builder(**args)
+    return builder(**check_arguments("stream", name, builder, args))
 
 
 def make_strategy(name: str, **args: Any) -> Strategy:
@@ -38,8 +37,7 @@ def make_strategy(name: str, **args: Any) -> Strategy:
     from clbench.registry import check_arguments, lookup
 
     cls = lookup("strategy", name)
-    check_arguments("strategy", name, cls, args)
-    return cls(**args)
+    return cls(**check_arguments("strategy", name, cls, args))
 
 
 __all__ = [

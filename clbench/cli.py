@@ -10,9 +10,11 @@ import itertools
 import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from clbench.errors import ClbenchError
+from clbench.files import check_output_file, partial_path
 
 DEMO_GRID = (0.0, 0.5, 1.0)
 DEMO_SEEDS = 3
@@ -101,6 +103,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise ClbenchError(f"--classes must be comma-separated integers, e.g. 0,1,2; got {args.classes!r}") from None
     if args.samples < 10 or args.epochs < 1:
         raise ClbenchError("--samples must be >= 10 and --epochs >= 1")
+    try:  # pretrain makes the checkpoint's folder (as it always has); what cannot be written fails now
+        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    except OSError as e:
+        raise ClbenchError(f"--output {args.output}: cannot create its folder ({e.strerror or e})") from None
+    check_output_file(args.output)
     meta = pretrain(args.output, args.dataset, parse_key_values(args.dataset_arg, "--dataset-arg"), classes,
                     args.samples, args.epochs, args.batch_size, args.lr, args.patch_size, args.embed_dim, args.depth,
                     args.heads, args.seed, str(resolve_device(args.device)))
@@ -111,8 +118,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="list local datasets or download one",
-                       description="Datasets are looked up in an explicit root, $CLBENCH_DATA (default "
-                                   "~/.cache/clbench), then system locations such as /usr/share/datasets/fashion-mnist.")
+                       description="Datasets are looked up in $CLBENCH_DATA (default ~/.cache/clbench), then "
+                                   "system locations such as /usr/share/datasets/fashion-mnist; a stream given "
+                                   "root=DIR looks there only.")
     action = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser, required=True)
     action.add_parser("list", help="each known dataset and where it was found (or 'missing')")
     download = action.add_parser("download", help="download a dataset with torchvision into $CLBENCH_DATA")
@@ -213,7 +221,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from clbench import leaderboard
     from clbench.store import Store
 
-    table = leaderboard.build(Store(args.store))
+    check_output_file(args.output)
+    table = leaderboard.build(Store(args.store, create=False))
     if table.empty:
         raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
     leaderboard.write(table, args.output)
@@ -239,10 +248,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from clbench import leaderboard, plots
     from clbench.store import Store
 
+    check_output_file(args.output)
     if args.plot_kind == "matrix":
         plots.accuracy_matrix(args.result, args.output)
     elif args.plot_kind == "similarity":
-        plots.similarity_maps(leaderboard.runs_table(Store(args.store)), args.output)
+        runs = leaderboard.runs_table(Store(args.store, create=False))
+        if runs.empty:
+            raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
+        plots.similarity_maps(runs, args.output)
     else:
         plots.leaderboard_chart(args.csv, args.output, args.metric)
     print(f"wrote {args.output}")
@@ -281,8 +294,13 @@ def cmd_list(args: argparse.Namespace) -> int:
             obj = registry.lookup(kind, name)
             print(f"  {name:<22} {registry.describe(obj)}")
             print(f"  {'':<22}   args: {_format_args(obj)}")
+            own = getattr(obj, "train_defaults", None) if kind == "strategy" else None
+            if own:
+                print(f"  {'':<22}   training defaults: {', '.join(f'{k}={v!r}' for k, v in own.items())} "
+                      "(the rest from the stream)")
         print()
-    print("Every strategy also takes epochs, lr, batch_size, optimizer (default: the stream's recommendation).")
+    print("Every strategy also takes epochs, lr, batch_size, optimizer (default: the strategy's training defaults "
+          "where it lists them, else the stream's recommendation).")
     return 0
 
 
@@ -292,6 +310,9 @@ def _single_run(args: argparse.Namespace) -> int:
 
     stream_name = args.stream or "teacher-student"
     strategy_name = args.strategy or "finetune"
+    if args.output:  # before any work: a result that cannot be written is lost
+        check_output_file(args.output)
+        check_output_file(partial_path(args.output), "--output (its partial-result file)")
     stream_args = parse_key_values(args.stream_arg, "--stream-arg")
     strategy_args = parse_key_values(args.strategy_arg, "--strategy-arg")
     model_args = parse_key_values(args.model_arg, "--model-arg")
@@ -305,15 +326,31 @@ def _single_run(args: argparse.Namespace) -> int:
         result = clbench.run(stream, strategy, model_name=args.model, model_args=model_args, device=args.device,
                              seed=args.seed, precision=args.precision, progress=not args.quiet, config=config)
     except clbench.TrainingDiverged as e:
-        if args.output:
-            e.partial.to_json(args.output)
-            raise ClbenchError(f"{e} (the rows computed so far are in {args.output})") from None
+        if args.output:  # never in place of --output, which holds only complete results
+            partial = partial_path(args.output)
+            _save(e.partial, partial)
+            kept = f"; {args.output} was not touched" if os.path.exists(args.output) else ""
+            raise ClbenchError(f"{e} (the rows computed so far are in {partial}{kept})") from None
         raise
     if args.output:
-        result.to_json(args.output)
+        _save(result, args.output)
     if not args.quiet:
         _print_result(result)
     return 0
+
+
+def _save(result, path: str | os.PathLike) -> None:
+    """Write a result; if that fails after all (the disk filled up, the folder went away), keep it elsewhere."""
+    try:
+        result.to_json(path)
+    except OSError as e:
+        import tempfile
+
+        fd, rescue = tempfile.mkstemp(prefix="clbench-result-", suffix=".json")
+        os.close(fd)
+        result.to_json(rescue)
+        raise ClbenchError(f"could not write {path} ({e.strerror or e}); the result was saved to {rescue} "
+                           "instead") from None
 
 
 def _print_result(result) -> None:
@@ -335,6 +372,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     import clbench
 
+    if args.output:
+        check_output_file(args.output)
     rows = []
     cells = [(a, b) for a in DEMO_GRID for b in DEMO_GRID]
     seeds = [args.seed + k for k in range(DEMO_SEEDS)]
@@ -382,27 +421,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _single_run(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        from clbench.registry import load_plugin
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """clbench's own warnings as one line each; others as Python prints them."""
+    from clbench.errors import ClbenchWarning
 
-        plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
-        for plugin in plugins:
-            load_plugin(plugin)
-        handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
-                    "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot}
-        if args.command is None:
-            parser.print_help()
-            return 0
-        return handlers[args.command](args)
-    except ClbenchError as e:
-        print(f"clbench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("clbench: interrupted", file=sys.stderr)
-        return 130
+    if issubclass(category, ClbenchWarning):
+        print(f"clbench: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from clbench.registry import load_plugin
+
+    plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
+    for plugin in plugins:
+        load_plugin(plugin)
+    handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
+                "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot}
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return handlers[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0, 2 for bad input, 1 for a bug, 130 when interrupted)."""
+    import contextlib
+
+    from clbench import progress
+
+    parser = build_parser()
+    from clbench.errors import ClbenchWarning
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", ClbenchWarning)
+        try:
+            args = parser.parse_args(argv)
+            with progress.quiet() if getattr(args, "quiet", False) else contextlib.nullcontext():
+                return _dispatch(parser, args)
+        except ClbenchError as e:
+            print(f"clbench: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("clbench: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # a bug (in clbench or a plugin): one line, and the way to the traceback
+            if os.environ.get("CLBENCH_DEBUG"):
+                raise
+            print(f"clbench: internal error: {type(e).__name__}: {e} (this is a bug, in clbench or a plugin; "
+                  "rerun with CLBENCH_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

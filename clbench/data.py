@@ -1,13 +1,19 @@
 """Datasets as compact uint8 tensors: MNIST, Fashion-MNIST, KMNIST (IDX files) and
 CIFAR-10 / CIFAR-100 (python pickle batches).
 
-Lookup order: an explicit ``root``, ``$CLBENCH_DATA`` (default ~/.cache/clbench),
-known system locations (Debian's ``dataset-fashion-mnist`` installs
-/usr/share/datasets/fashion-mnist), then, only when asked, torchvision's
-checksummed download. Raw files are decoded once and cached as a ``.pt`` file
-beside the cache; shape, dtype and counts are checked. A missing dataset says
-where it looked and the command that fixes it; a corrupt or truncated file
-names the file and the fix.
+Lookup: an explicit ``root`` is the only place looked (its folder and the
+usual sub-folders below it): nothing else is used in its stead. Without a root:
+``$CLBENCH_DATA`` (default ~/.cache/clbench), then known system locations
+(Debian's ``dataset-fashion-mnist`` installs /usr/share/datasets/fashion-mnist),
+then, only when asked, torchvision's checksummed download. The loaded data
+carries its provenance (``data["source"]``: the folder, and each raw file's
+path, size and SHA-256), which the streams record. Raw files are decoded once
+and cached as a ``.pt`` file beside the cache; shape, dtype and counts are
+checked. CIFAR's pickle batches are read with an unpickler that builds only
+what real batches hold (dicts, lists, bytes, str, int, numpy arrays) and refuses
+anything else, so a crafted file cannot run code. A missing dataset says where
+it looked and the command that fixes it; a corrupt or truncated file names the
+file and the fix.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 
 from clbench.errors import ClbenchError
+from clbench.files import check_writable_folder, sha256
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,59 @@ def read_idx(path: Path, name: str = "") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+class _Refused(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR batch holds: containers, bytes, str, numbers and numpy arrays.
+
+    Real batches reference nothing but numpy's array reconstruction; any other global
+    (``os.system``, ``builtins.eval``, ...) is refused before it is looked up.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol 2 writes bytes from Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        import warnings
+
+        with warnings.catch_warnings():  # numpy 2 warns about the numpy.core path old batches use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise _Refused(f"persistent id {pid!r}")
+
+
 def _unpickle(path: Path, name: str) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise ClbenchError(f"refusing to load CIFAR batch {path}: it asks for {e.what}, which a CIFAR batch never "
+                           "holds (only dicts, lists, bytes, str, int and numpy arrays); the file may be malicious "
+                           f"and nothing in it was run: delete it and {_fix(name)}") from None
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, RecursionError) as e:
         raise ClbenchError(f"cannot read CIFAR batch {path}: {type(e).__name__}: {e}; the file is corrupt or "
                            f"truncated: delete it and {_fix(name)}") from None
+    if not isinstance(batch, dict):
+        raise ClbenchError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch (a dict); delete it and "
+                           f"{_fix(name)}")
+    if any(isinstance(v, np.ndarray) and v.dtype.hasobject for v in batch.values()):
+        raise ClbenchError(f"{path} holds an array of Python objects, which a CIFAR batch never does; delete it "
+                           f"and {_fix(name)}")
+    return batch
 
 
 def _cifar_split(paths: list[Path], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -132,9 +185,11 @@ def _raw_files(info: DatasetInfo, folder: Path) -> dict[str, list[Path]] | None:
 
 
 def candidate_dirs(name: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """Every folder searched for ``name``'s raw files, in order."""
+    """Every folder searched for ``name``'s raw files, in order: below ``root`` only, when one is given."""
     info = _info(name)
-    roots = ([Path(root)] if root else []) + [cache_dir(), cache_dir() / name]
+    if root:
+        return list(dict.fromkeys(Path(root) / sub if sub else Path(root) for sub in info.dirs))
+    roots = [cache_dir(), cache_dir() / name]
     dirs = [r / sub if sub else r for r in roots for sub in info.dirs] + [Path(p) for p in info.system]
     return list(dict.fromkeys(dirs))
 
@@ -147,6 +202,13 @@ def locate(name: str, root: str | os.PathLike | None = None) -> tuple[Path, dict
         if files:
             return folder, files
     return None
+
+
+def source(name: str, folder: Path, files: dict[str, list[Path]]) -> dict:
+    """Provenance of the data used: the folder and each raw file's path, size and SHA-256."""
+    used = sorted({p.resolve() for ps in files.values() for p in ps})
+    return {"dataset": name, "folder": str(folder.resolve()),
+            "files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in used]}
 
 
 def _decode(info: DatasetInfo, files: dict[str, list[Path]]) -> dict[str, torch.Tensor]:
@@ -181,26 +243,35 @@ def _check(info: DatasetInfo, data: dict[str, torch.Tensor], files) -> None:
 
 
 def load(name: str, root: str | os.PathLike | None = None, download: bool = False) -> dict[str, torch.Tensor]:
-    """``{"train_x", "train_y", "test_x", "test_y"}`` (+ ``*_coarse`` for CIFAR-100) as uint8/int64 tensors.
+    """``{"train_x", "train_y", "test_x", "test_y"}`` (+ ``*_coarse`` for CIFAR-100) as uint8/int64 tensors,
+    and ``"source"``: where they came from (see :func:`source`).
 
-    Images are (N, 28, 28) for the MNIST family and (N, 3, 32, 32) for CIFAR.
+    Images are (N, 28, 28) for the MNIST family and (N, 3, 32, 32) for CIFAR. An
+    explicit ``root`` is the only place looked.
     """
     info = _info(name)
     hit = locate(name, root)
     if hit is None and download:
         fetch(name)
         hit = locate(name, root)
+    if hit is None and root:
+        missing = "" if Path(root).is_dir() else " (it does not exist)"
+        raise ClbenchError(f"dataset {name!r} not found in root={str(root)!r}{missing}; looked in: "
+                           f"{'; '.join(str(d) for d in candidate_dirs(name, root))}. An explicit root is the only "
+                           "place looked (no copy elsewhere is used instead): put the raw files there, or leave "
+                           "root out to use $CLBENCH_DATA and the system copies")
     if hit is None:
         raise ClbenchError(f"dataset {name!r} not found. Looked in: {'; '.join(str(d) for d in candidate_dirs(name, root))}. "
                            f"Fix: {_fix(name)}" + (" (or `apt-get install dataset-fashion-mnist`)"
                                                   if name == "fashion-mnist" else ""))
     folder, files = hit
+    used = source(name, folder, files)
     stamp = hashlib.sha1(repr(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
                                      for ps in files.values() for p in ps)).encode()).hexdigest()[:12]
     cached = cache_dir() / "decoded" / f"{name}-{stamp}.pt"
     if cached.is_file():
         try:
-            return torch.load(cached, weights_only=True)
+            return {**torch.load(cached, weights_only=True), "source": used}
         except Exception:  # a broken cache entry is rebuilt from the raw files
             cached.unlink(missing_ok=True)
     data = _decode(info, files)
@@ -211,7 +282,7 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
         os.replace(tmp, cached)
     except OSError:
         pass  # read-only cache: decode again next time
-    return data
+    return {**data, "source": used}
 
 
 def fetch(name: str) -> Path:
@@ -219,8 +290,7 @@ def fetch(name: str) -> Path:
     import torchvision
 
     info = _info(name)
-    target = cache_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    target = check_writable_folder(cache_dir(), "the data folder ($CLBENCH_DATA)")
     cls = getattr(torchvision.datasets, info.torchvision)
     try:
         for train in (True, False):

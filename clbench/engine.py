@@ -106,8 +106,12 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.op
 
 
 @torch.inference_mode()
-def evaluate(strategy: Strategy, tasks: list[Task], loss: str, batch_size: int = 2048) -> np.ndarray:
-    """Per task: accuracy (classification) or mean squared error (regression) on its test set."""
+def evaluate(strategy: Strategy, tasks: list[Task], loss: str, batch_size: int = 2048,
+             on_task: Any = None) -> np.ndarray:
+    """Per task: accuracy (classification) or mean squared error (regression) on its test set.
+
+    ``on_task()`` (optional) is called after each task, for progress.
+    """
     model = strategy.model
     was_training = model.training
     model.eval()
@@ -122,7 +126,11 @@ def evaluate(strategy: Strategy, tasks: list[Task], loss: str, batch_size: int =
                 total += (pred.argmax(1) == y).sum()
             else:
                 total += ((pred - y) ** 2).mean(1).sum()
-        out.append(total / max(len(task.test_x), 1))
+        if len(task.test_x) == 0:
+            raise ClbenchError(f"task {task.id} has an empty test set; a score of it would mean nothing")
+        out.append(total / len(task.test_x))
+        if on_task is not None:
+            on_task()
     model.train(was_training)
     return torch.stack(out).cpu().numpy()
 
@@ -151,7 +159,7 @@ def run(
     ``model`` defaults to the stream's recommended model (``model_name``,
     ``model_args`` override it). Same seed on CPU gives the same R.
     """
-    from tqdm.auto import tqdm
+    from clbench.progress import bar as progress_bar
 
     dev = resolve_device(device)
     if precision not in ("fp32", "bf16"):
@@ -164,6 +172,7 @@ def run(
         model = build_model(name, stream.input_shape, stream.num_outputs, **args)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    check_inputs(stream)
     model = strategy.setup(model.to(dev), stream)
     tasks = [t.to(dev) for t in stream.tasks]
     settings = strategy.settings()
@@ -190,9 +199,14 @@ def run(
                       extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results()},
                       complete=complete)
 
-    raw[0] = evaluate(strategy, tasks, stream.loss)
-    bar = tqdm(total=T * settings["epochs"], delay=3, disable=None if progress else True, unit="epoch", desc=strategy.name)
+    # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
+    bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
+                       fraction=True)
+    bar.set_postfix_str("evaluating before training", refresh=False)
+    tick = lambda: bar.update(1)  # noqa: E731
+    raw[0] = evaluate(strategy, tasks, stream.loss, on_task=tick)
     for i, task in enumerate(tasks):
+        bar.set_postfix_str(f"training task {i + 1}/{T}", refresh=False)
         strategy.before_task(task)
         train_on = strategy.train_tasks(task, tasks[: i + 1])
         optimizer = make_optimizer(settings["optimizer"], strategy.trainable_parameters(), settings["lr"])
@@ -215,7 +229,7 @@ def run(
                 epoch_loss += loss.detach()
             mean_loss = (epoch_loss / steps).item()
             curve.append(mean_loss)
-            bar.update(1)
+            bar.update(T)
             if not math.isfinite(mean_loss):
                 curves.append(curve)
                 bar.close()
@@ -226,9 +240,31 @@ def run(
                 )
         curves.append(curve)
         strategy.after_task(task)
-        raw[i + 1] = evaluate(strategy, tasks, stream.loss)
+        bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
+        raw[i + 1] = evaluate(strategy, tasks, stream.loss, on_task=tick)
     bar.close()
     return result(complete=True)
+
+
+def check_inputs(stream: Stream) -> None:
+    """Every task must give model inputs of one shape (that of ``stream.input_shape``, or as many numbers)."""
+    expected = tuple(stream.input_shape)
+    size = math.prod(expected)
+    seen = None
+    for k, task in enumerate(stream.tasks, 1):
+        for split in ("train", "test"):
+            x = getattr(task, f"{split}_x")
+            try:
+                shape = tuple(task.inputs(x[:1]).shape[1:])
+            except Exception as e:  # noqa: BLE001 - a transform that fails on the task's own data
+                raise ClbenchError(f"stream {stream.name!r}: the transform of task {k} fails on its {split} inputs "
+                                   f"of shape {tuple(x.shape[1:])} ({type(e).__name__}: {e})") from None
+            if seen is None:
+                seen = shape
+            if shape != seen or (shape != expected and math.prod(shape) != size):
+                other = f"task 1 gives {seen}" if shape != seen else f"the stream says input_shape={expected}"
+                raise ClbenchError(f"stream {stream.name!r}: task {k}'s {split} inputs have shape {shape}, but "
+                                   f"{other}; every task must give inputs of the stream's input_shape")
 
 
 def _scores(raw: np.ndarray, loss: str) -> np.ndarray:

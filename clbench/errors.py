@@ -19,3 +19,14 @@ def check_unit_interval(name: str, value: float, low: float = 0.0, high: float =
     if not (low <= value <= high):
         raise ClbenchError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
     return value
+
+
+class ClbenchWarning(UserWarning):
+    """Something was done differently from what was asked (e.g. a sample count capped); the message says what."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`ClbenchWarning` (the CLI prints it as one line ``clbench: warning: ...``)."""
+    import warnings
+
+    warnings.warn(message, ClbenchWarning, stacklevel=3)

@@ -35,7 +35,12 @@ def mlp(
     """Fully connected network: Flatten, [Linear, activation] per hidden width, Linear output."""
     if activation not in ACTIVATIONS:
         raise ClbenchError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-    widths = [widths] if isinstance(widths, int) else list(widths)
+    widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
+    if not isinstance(widths, (list, tuple)) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise ClbenchError(f"mlp widths must be hidden-layer sizes (positive integers), e.g. widths=(400,400) or "
+                           f"widths=100; got {widths!r}")
+    widths = list(widths)
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = math.prod(input_shape)
     for w in widths:
@@ -48,8 +53,7 @@ def mlp(
 def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, **args: Any) -> nn.Module:
     """Build a registered model, checking its arguments."""
     builder = lookup("model", name)
-    check_arguments("model", name, builder, args)
-    return builder(tuple(input_shape), int(num_outputs), **args)
+    return builder(tuple(input_shape), int(num_outputs), **check_arguments("model", name, builder, args))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,10 +21,40 @@ def strategy_labels(table: pd.DataFrame) -> pd.Series:
     return table["strategy"] + args.where(args == "{}", " " + args).where(args != "{}", "")
 
 
+def _read_text(path: str | os.PathLike, what: str, fix: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ClbenchError(f"{what} {path} not found; {fix}") from None
+    except IsADirectoryError:
+        raise ClbenchError(f"{what} {path} is a folder; {fix}") from None
+    except UnicodeDecodeError:
+        raise ClbenchError(f"{what} {path} is not a text file; {fix}") from None
+    except OSError as e:
+        raise ClbenchError(f"cannot read {what} {path} ({e.strerror or e})") from None
+
+
+def load_result(path: str | os.PathLike) -> dict:
+    """A run's result JSON (``clbench run --output``), checked: R must be a (T+1) x T matrix of numbers."""
+    fix = "give the JSON file that `clbench run ... --output FILE.json` writes"
+    text = _read_text(path, "result file", fix)
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClbenchError(f"{path} is not JSON ({e.msg}, line {e.lineno}); {fix}") from None
+    R = result.get("R") if isinstance(result, dict) else None
+    ok = (isinstance(R, list) and len(R) >= 2 and all(isinstance(row, list) for row in R)
+          and len({len(row) for row in R}) == 1 and len(R) == len(R[0]) + 1
+          and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for row in R for v in row))
+    if not ok:
+        raise ClbenchError(f"{path} is not a run's result: it has no score matrix R of (T+1) x T numbers; {fix}")
+    return result
+
+
 def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -> None:
     """Heatmap of R: rows = after training task i (0 = before training), columns = task evaluated."""
-    with open(result_json) as f:
-        result = json.load(f)
+    result = load_result(result_json)
     R = np.array([[np.nan if v is None else v for v in row] for row in result["R"]], dtype=float)
     T = R.shape[1]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * T, 1.0 + 0.8 * (T + 1)))
@@ -37,7 +67,8 @@ def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -
     ax.set_xlabel("task evaluated")
     ax.set_ylabel("after training task")
     cfg = result.get("config", {})
-    ax.set_title(f"{cfg.get('strategy', '?')} on {cfg.get('stream', '?')}\nACC {result['metrics'].get('acc', float('nan')):.3f}")
+    acc = (result.get("metrics") or {}).get("acc", float("nan"))
+    ax.set_title(f"{cfg.get('strategy', '?')} on {cfg.get('stream', '?')}\nACC {acc:.3f}")
     fig.colorbar(image, ax=ax, label="score (accuracy or 1 - error/error_at_init)")
     fig.tight_layout()
     fig.savefig(output, dpi=120)
@@ -78,7 +109,15 @@ def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
 
 def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric: str = "acc") -> None:
     """Horizontal bars of a leaderboard metric with 95% CI, averaged over stream configs per strategy config."""
-    table = pd.read_csv(csv)
+    import io
+
+    fix = "give a CSV that `clbench leaderboard` writes"
+    try:
+        table = pd.read_csv(io.StringIO(_read_text(csv, "leaderboard", fix)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ClbenchError(f"{csv} is not a readable CSV ({e}); {fix}") from None
+    if "strategy" not in table or "strategy_args" not in table or table.empty:
+        raise ClbenchError(f"{csv} is not a leaderboard (no strategy rows); {fix}")
     if f"{metric}_mean" not in table:
         raise ClbenchError(f"{csv} has no column {metric}_mean; pick one of "
                            f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")

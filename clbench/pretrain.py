@@ -1,9 +1,8 @@
 """Pretrain a small timm ViT on CPU, so L2P runs end to end offline.
 
 ``pretrain(...)`` trains a timm VisionTransformer classifier on a dataset the
-user names and saves ``{"state_dict": ..., "clbench": metadata}``, a file
-``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
-loads (the metadata names the architecture). Datasets: ``synthetic-digits``
+user names and saves ``{"state_dict": ..., "clbench": metadata}``, which L2P
+loads strictly into the timm model the metadata names (see ``strategies/l2p.py``). Datasets: ``synthetic-digits``
 (MNIST-format 28 x 28 digits drawn by this module: stroke templates under
 random affine maps and stroke widths; no download, no overlap with any image
 stream), or any registered stream (the union of its tasks' training data,

@@ -18,15 +18,45 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, warn
 
 _REGISTRIES: dict[str, dict[str, Any]] = {"stream": {}, "strategy": {}, "model": {}}
 _builtins_loaded = False
 
 
-def _register(kind: str, name: str) -> Callable[[Any], Any]:
+def _identity(obj: Any) -> tuple[str, str, str | None]:
+    """What makes two registered objects "the same": module, qualified name and the module's file.
+
+    Importing a module twice (a reload, or a plugin file loaded again) creates a new
+    class object with the same identity; that is not a clash.
+    """
+    module = getattr(obj, "__module__", None) or ""
+    return module, getattr(obj, "__qualname__", repr(obj)), getattr(sys.modules.get(module), "__file__", None)
+
+
+def _describe_owner(obj: Any) -> str:
+    module, qualname, path = _identity(obj)
+    return f"{module}.{qualname}" + (f" in {path}" if path and not module.startswith("clbench.") else "")
+
+
+def _register(kind: str, name: str, replace: bool = False) -> Callable[[Any], Any]:
+    if not isinstance(name, str) or not name:
+        raise ClbenchError(f"a {kind} needs a non-empty string name, got {name!r}")
+
     def decorator(obj: Any) -> Any:
-        _REGISTRIES[kind][name] = obj
+        if not str(getattr(obj, "__module__", "")).startswith("clbench."):
+            _load_builtins()  # so a user's name is checked against the built-in ones, whatever the import order
+        registry = _REGISTRIES[kind]
+        old = registry.get(name)
+        if old is not None and old is not obj and _identity(old) != _identity(obj):
+            if not replace:
+                raise ClbenchError(
+                    f"{kind} name {name!r} is already registered by {_describe_owner(old)}; "
+                    f"{_describe_owner(obj)} cannot take it. Pick another name, or replace it explicitly "
+                    f"with @register_{kind}({name!r}, replace=True)")
+            warn(f"{kind} {name!r} of {_describe_owner(old)} is replaced by {_describe_owner(obj)} "
+                 f"(register_{kind}(..., replace=True))")
+        registry[name] = obj
         if isinstance(obj, type):
             obj.name = name
         return obj
@@ -34,19 +64,25 @@ def _register(kind: str, name: str) -> Callable[[Any], Any]:
     return decorator
 
 
-def register_stream(name: str) -> Callable[[Any], Any]:
-    """Register a function ``(**args) -> Stream`` under ``name``."""
-    return _register("stream", name)
+def register_stream(name: str, replace: bool = False) -> Callable[[Any], Any]:
+    """Register a function ``(**args) -> Stream`` under ``name``.
+
+    Names are unique: taking a name that is registered already (a built-in such as
+    ``permuted-mnist``, or another plugin's) is an error unless ``replace=True``,
+    which replaces it with a warning.
+    """
+    return _register("stream", name, replace)
 
 
-def register_strategy(name: str) -> Callable[[Any], Any]:
-    """Register a :class:`clbench.Strategy` subclass under ``name``."""
-    return _register("strategy", name)
+def register_strategy(name: str, replace: bool = False) -> Callable[[Any], Any]:
+    """Register a :class:`clbench.Strategy` subclass under ``name`` (unique; ``replace=True`` to override one)."""
+    return _register("strategy", name, replace)
 
 
-def register_model(name: str) -> Callable[[Any], Any]:
-    """Register a function ``(input_shape, num_outputs, **args) -> nn.Module`` under ``name``."""
-    return _register("model", name)
+def register_model(name: str, replace: bool = False) -> Callable[[Any], Any]:
+    """Register a function ``(input_shape, num_outputs, **args) -> nn.Module`` under ``name`` (unique; see
+    ``register_stream`` for ``replace``)."""
+    return _register("model", name, replace)
 
 
 def _load_builtins() -> None:
@@ -96,10 +132,33 @@ def describe(obj: Any) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def check_arguments(kind: str, name: str, obj: Any, given: dict[str, Any]) -> None:
-    """Raise a ClbenchError if ``given`` has a key ``obj`` does not take."""
+def _kind_of(default: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """What a value must be, judged from the argument's default (None: anything goes)."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, (int, float)):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, (list, tuple)):
+        return "a list such as (1, 2)", lambda v: isinstance(v, (list, tuple, int))
+    if isinstance(default, dict):
+        return "a dict such as {'key': 1}", lambda v: isinstance(v, dict)
+    return None
+
+
+def check_arguments(kind: str, name: str, obj: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """Raise a ClbenchError if ``given`` has a key ``obj`` does not take, or a value of the wrong kind.
+
+    The kind is judged from the argument's default: a number where the default is a
+    number, true/false where it is a bool, and so on (``None`` defaults take anything;
+    the builder checks those itself). Returns the arguments to pass: ``given``, with
+    true/false turned into the strings "true"/"false" where the default is a string
+    (``--strategy-arg fisher=true`` means the word).
+    """
     known = arguments(obj)
-    for key in given:
+    out = dict(given)
+    for key, value in given.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -107,36 +166,76 @@ def check_arguments(kind: str, name: str, obj: Any, given: dict[str, Any]) -> No
                 f"{kind} {name!r} has no argument {key!r}.{hint} "
                 f"Its arguments: {', '.join(f'{k}={v!r}' for k, v in known.items()) or 'none'}"
             )
+        if isinstance(known[key], str) and isinstance(value, bool):
+            out[key] = value = str(value).lower()
+        expected = _kind_of(known[key])
+        if expected is not None and value is not None and not expected[1](value):
+            raise ClbenchError(f"{kind} {name!r}: {key} must be {expected[0]} (default {known[key]!r}), "
+                               f"got {value!r}")
+    return out
+
+
+def parse_value(raw: str, what: str, pair: str) -> Any:
+    """One ``KEY=VALUE`` value: true/false/none, else a Python literal, else a plain word as a string.
+
+    An empty value, or one that starts like a literal (a bracket or a quote) but does not
+    parse, is an error rather than a string nobody meant.
+    """
+    raw = raw.strip()
+    lowered = raw.lower()
+    if not raw:
+        raise ClbenchError(f"{what} {pair!r} has no value after '='; give one, e.g. {pair}0.5 or {pair}(400,400) "
+                           f"(write {pair}'' for an empty string)")
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        if raw[0] in "([{'\"" or raw[-1] in ")]}'\"" or raw[0] in "+-.0123456789" and any(c in raw for c in "(),[]{}"):
+            reason = e.msg if isinstance(e, SyntaxError) else str(e)
+            raise ClbenchError(f"{what} {pair!r}: {raw!r} is not a valid value ({reason}); write a Python literal "
+                               "such as 0.5, (400, 400), [1, 2] or 'text'") from None
+        return raw
 
 
 def parse_key_values(pairs: list[str] | None, what: str) -> dict[str, Any]:
-    """Parse ``["key=value", ...]``; values are Python literals, else strings."""
+    """Parse ``["key=value", ...]``; values are Python literals, else strings (see :func:`parse_value`)."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
             raise ClbenchError(f"malformed {what} {pair!r}: expected KEY=VALUE, e.g. rho_a=0.5")
-        raw = raw.strip()
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            value: Any = lowered == "true"
-        elif lowered in ("none", "null"):
-            value = None
-        else:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-        out[key] = value
+        out[key] = parse_value(raw, what, pair)
     return out
 
 
 LOADED_PLUGINS: list[str] = []  # what load_plugin imported (files as absolute paths), for sweep workers to repeat
 
 
+def _import_error(spec: str, e: BaseException) -> ClbenchError:
+    """One line for a plugin that fails at import: the file, the line and the error."""
+    if isinstance(e, ClbenchError):
+        return ClbenchError(f"plugin {spec!r}: {e}")
+    if isinstance(e, SyntaxError):
+        where = f"{e.filename or spec}, line {e.lineno}" if e.lineno else (e.filename or spec)
+        return ClbenchError(f"plugin {spec!r} has a syntax error ({where}: {e.msg}); fix the file")
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<frozen")]
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return ClbenchError(f"plugin {spec!r} raised {type(e).__name__}: {e}{where} while being imported; fix the "
+                        "plugin (run it with python to see the traceback)")
+
+
 def load_plugin(spec: str) -> None:
-    """Import a user's file (``path/to/file.py``) or module so its registrations run; once per spec."""
+    """Import a user's file (``path/to/file.py``) or module so its registrations run; once per spec.
+
+    Any error while importing it (a syntax error, an exception, a clashing name) is a
+    ClbenchError naming the plugin, the line and the error.
+    """
     path = Path(spec)
     if spec.endswith(".py"):
         if not path.is_file():
@@ -148,11 +247,24 @@ def load_plugin(spec: str) -> None:
         module_name = f"clbench_plugin_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
+        previous = sys.modules.get(module_name)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's file is one line
+            if previous is None:
+                sys.modules.pop(module_name, None)
+            else:
+                sys.modules[module_name] = previous
+            raise _import_error(spec, e) from None
     else:
         try:
             importlib.import_module(spec)
         except ModuleNotFoundError as e:
-            raise ClbenchError(f"plugin module {spec!r} cannot be imported ({e}); pass a module on PYTHONPATH or a .py file") from None
+            if e.name and (spec == e.name or spec.startswith(e.name + ".")):
+                raise ClbenchError(f"plugin module {spec!r} cannot be imported ({e}); pass a module on PYTHONPATH "
+                                   "or a .py file") from None
+            raise _import_error(spec, e) from None
+        except Exception as e:  # noqa: BLE001
+            raise _import_error(spec, e) from None
     LOADED_PLUGINS.append(spec)

@@ -15,6 +15,7 @@ A new strategy overrides only what it changes: usually ``penalty`` and
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -25,15 +26,46 @@ from clbench.errors import ClbenchError
 from clbench.types import SCENARIOS, Stream, Task
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def check_training_settings(epochs: Any = None, lr: Any = None, batch_size: Any = None,
+                            optimizer: Any = None) -> dict[str, Any]:
+    """The four training settings checked (``None``: not set); a bad one is a ClbenchError naming it and the fix."""
+    def whole(key: str, value: Any, low: int) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            example = 5 if key == "epochs" else 128
+            raise ClbenchError(f"{key} must be a whole number >= {low}, e.g. {key}={example}; got {value!r}")
+        return value
+
+    out = {"epochs": whole("epochs", epochs, 0), "batch_size": whole("batch_size", batch_size, 1)}
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if lr is not None and (not number or not math.isfinite(lr) or lr <= 0):
+        raise ClbenchError(f"lr must be a positive number, e.g. lr=0.01; got {lr!r}")
+    out["lr"] = None if lr is None else float(lr)
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ClbenchError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    out["optimizer"] = optimizer
+    return out
+
+
 class Strategy:
     """Plain sequential training (the base every strategy extends).
 
-    Training settings default to the stream's recommendation (``None``).
+    Training settings (epochs, lr, batch_size, optimizer) not given take the
+    strategy's own ``train_defaults``, then the stream's recommendation.
     """
 
     name: ClassVar[str] = ""
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     uses_task_id_at_test: ClassVar[bool] = False
+    #: Training settings this strategy needs whatever the stream recommends, e.g. ``{"optimizer": "adam",
+    #: "lr": 1e-3}``; an explicit argument still wins. Shown by ``clbench list``.
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -42,7 +74,9 @@ class Strategy:
         batch_size: int | None = None,
         optimizer: str | None = None,
     ) -> None:
-        self.epochs, self.lr, self.batch_size, self.optimizer = epochs, lr, batch_size, optimizer
+        checked = check_training_settings(epochs, lr, batch_size, optimizer)
+        self.epochs, self.lr, self.batch_size, self.optimizer = (checked[k] for k in ("epochs", "lr", "batch_size",
+                                                                                         "optimizer"))
         self.model: nn.Module | None = None
         self.stream: Stream | None = None
 
@@ -103,14 +137,11 @@ class Strategy:
         return self.task_loss(self.predict(x, task), y) + self.penalty()
 
     def settings(self) -> dict[str, Any]:
-        """Training settings in force: this strategy's, else the stream's defaults."""
+        """Training settings in force: the given ones, else this strategy's ``train_defaults``, else the stream's."""
         d = self.stream.defaults
-        return {
-            "epochs": d.epochs if self.epochs is None else int(self.epochs),
-            "lr": d.lr if self.lr is None else float(self.lr),
-            "batch_size": d.batch_size if self.batch_size is None else int(self.batch_size),
-            "optimizer": d.optimizer if self.optimizer is None else str(self.optimizer),
-        }
+        given = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "optimizer": self.optimizer}
+        own = check_training_settings(**self.train_defaults)
+        return {k: v if v is not None else own[k] if own[k] is not None else getattr(d, k) for k, v in given.items()}
 
 
 def parameter_vector(model: nn.Module) -> torch.Tensor:

@@ -16,9 +16,16 @@ A sweep file (TOML)::
 
     [[strategy]]
     name = "finetune"
+
+Keys are checked, so a file never runs another grid than the one written: an
+unknown key (top level: seeds, device, stream, strategy; [[stream]]: name, args,
+model, model_args; [[strategy]]: name, args) is an error suggesting the nearest
+known one, and so are an entry without a name, an empty axis (``rho_a = []``)
+and seeds that are not a non-empty list of integers.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -31,9 +38,68 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, warn
+from clbench.progress import quiet
 from clbench.registry import LOADED_PLUGINS
 from clbench.store import Store
+
+
+TOP_KEYS = ("seeds", "device", "stream", "strategy")
+ENTRY_KEYS = {"stream": ("name", "args", "model", "model_args"), "strategy": ("name", "args")}
+
+
+def _unknown_key(key: str, known: tuple[str, ...], where: str) -> ClbenchError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ClbenchError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(known)})")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
+    """Refuse a spec that would run another grid than the one written: unknown (misspelt) keys, entries
+    without a name, empty axes, seeds that are not integers. Returns ``spec``."""
+    if not isinstance(spec, dict):
+        raise ClbenchError(f"{source}: a sweep is a table of seeds, device, [[stream]] and [[strategy]]")
+    for key in spec:
+        if key not in TOP_KEYS:
+            raise _unknown_key(key, TOP_KEYS, source)
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+        raise ClbenchError(f"{source}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; "
+                           f"got {seeds!r}")
+    if "device" in spec and not isinstance(spec["device"], str):
+        raise ClbenchError(f"{source}: device must be a string such as \"cpu\" or \"cuda\"; got {spec['device']!r}")
+    for kind, known in ENTRY_KEYS.items():
+        entries = spec.get(kind)
+        if not entries:
+            raise ClbenchError(f"{source}: a sweep needs at least one [[{kind}]] entry (or --{kind} on the command "
+                               "line)")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ClbenchError(f"{source}: {kind} must be [[{kind}]] tables (name = ..., args = {{...}}); got "
+                               f"{entries!r}")
+        for k, entry in enumerate(entries, 1):
+            where = f"{source}: [[{kind}]] entry {k}"
+            for key in entry:
+                if key not in known:
+                    raise _unknown_key(key, known, where)
+            name = entry.get("name")
+            if not isinstance(name, str) or not name:
+                raise ClbenchError(f"{where} has no name; add name = \"...\" (see `clbench list`)")
+            where = f"{source}: [[{kind}]] {name!r}"
+            for table in ("args", "model_args"):
+                args = entry.get(table, {})
+                if not isinstance(args, dict):
+                    raise ClbenchError(f"{where}: {table} must be a table such as {{ rho_a = 0.5 }}; got {args!r}")
+                for arg, value in args.items():
+                    if isinstance(value, list) and not value:
+                        raise ClbenchError(f"{where}: the axis {arg} = [] is empty, so the grid would have no cells; "
+                                           f"give it values, or remove it to use the default")
+            if "model" in entry and not isinstance(entry["model"], str):
+                raise ClbenchError(f"{where}: model must be a model name (see `clbench list`); got {entry['model']!r}")
+    return spec
 
 
 def _axes(args: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -46,9 +112,7 @@ def _axes(args: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """All cells of a sweep spec, in a stable order."""
-    for key in ("stream", "strategy"):
-        if not spec.get(key):
-            raise ClbenchError(f"a sweep needs at least one [[{key}]] entry (or --{key} on the command line)")
+    check_spec(spec)
     seeds = spec.get("seeds", [0])
     cells = []
     for stream, strategy in itertools.product(spec["stream"], spec["strategy"]):
@@ -69,11 +133,14 @@ def cell_id(cell: dict[str, Any]) -> str:
 def load_spec(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            spec = tomllib.load(f)
     except FileNotFoundError:
         raise ClbenchError(f"sweep file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ClbenchError(f"sweep file {path} is a folder; give a .toml file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ClbenchError(f"sweep file {path} is not valid TOML: {e}") from None
+    return check_spec(spec, f"sweep file {path}")
 
 
 def git_commit() -> str | None:
@@ -100,10 +167,11 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
     stream_args = dict(cell["stream_args"])
     if "seed" in arguments(lookup("stream", cell["stream"])):
         stream_args.setdefault("seed", cell["seed"])
-    stream = clbench.make_stream(cell["stream"], **stream_args)
-    strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
-    result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"], device=device,
-                         seed=cell["seed"], progress=False, config={"cell": cell})
+    with quiet():  # the sweep's own bar reports progress
+        stream = clbench.make_stream(cell["stream"], **stream_args)
+        strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
+        result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
+                             device=device, seed=cell["seed"], progress=False, config={"cell": cell})
     record = result.to_dict()
     record.update(id=cell_id(cell), cell=cell, git_commit=commit,
                   worker={"executor": executor, "host": socket.gethostname(), "pid": os.getpid()})
@@ -121,11 +189,52 @@ def _serial(todo: list[dict[str, Any]], device: str, commit: str | None, threads
             yield cell, None, e
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the sweep process that started it dies (even by SIGKILL).
+
+    On Linux the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG); everywhere, a daemon
+    thread also checks once a second that the parent is still this process's parent, and exits if not.
+    """
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    first = os.getppid()  # the sweep process (fork, spawn) or a fork server that it started
+
+    def orphaned() -> bool:
+        if os.getppid() != first:
+            return True
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+    if orphaned():  # the parent died before the lines above
+        os._exit(1)
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="clbench-parent-watch", daemon=True).start()
+
+
 def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
                threads: int | None) -> Iterator[Outcome]:
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     plugins = tuple(LOADED_PLUGINS)
-    with ProcessPoolExecutor(jobs) as pool:
+    with ProcessPoolExecutor(jobs, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}
         for future in as_completed(futures):
             error = future.exception()
@@ -207,7 +316,11 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
         check_arguments("strategy", cell["strategy"], lookup("strategy", cell["strategy"]), cell["strategy_args"])
     store.remove_partial()
-    done = store.ids()
+    done, corrupt = store.scan()
+    ids = {cell_id(c) for c in cells}
+    for path, problem in corrupt.items():
+        if Path(path).stem in ids:
+            warn(f"corrupt record {path} ({problem}); running its cell again")
     todo = [c for c in cells if cell_id(c) not in done]
     skipped = len(cells) - len(todo)
     commit = git_commit()

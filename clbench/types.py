@@ -97,6 +97,13 @@ class Stream:
             raise ClbenchError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
         if not self.tasks:
             raise ClbenchError(f"stream {self.name!r} has no tasks; ask for at least one")
+        for k, task in enumerate(self.tasks, 1):
+            for split in ("train", "test"):
+                if len(getattr(task, f"{split}_x")) == 0:
+                    raise ClbenchError(
+                        f"stream {self.name!r}: task {k} has no {split} samples, so it cannot be "
+                        f"{'trained' if split == 'train' else 'scored'}; ask for more {split}_samples (or leave it "
+                        "out to use all)")
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -15,9 +15,10 @@ prompts are chosen per sample at test (no batch vote, which would leak the
 task). Optional diversification (paper Eq. 4, ``diversify``): during
 training, distances to prompts used often on earlier tasks are scaled by their
 selection frequency. Backbone: a local checkpoint (``backbone_checkpoint``,
-e.g. from ``clbench pretrain``) or timm's hub weights (``backbone_pretrained``,
-needs the network). The result records the backbone and the prompt-selection
-histogram per task (training, and test after the last task).
+e.g. from ``clbench pretrain``; loaded strictly, every weight must match) or
+timm's hub weights (``backbone_pretrained``, needs the network). The result
+records the backbone and the prompt-selection histogram per task (training,
+and test after the last task).
 """
 from __future__ import annotations
 
@@ -46,20 +47,66 @@ def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str
         raise ClbenchError("l2p needs a pretrained backbone: backbone_checkpoint=PATH (make one offline with "
                            "`clbench pretrain --output PATH`) or backbone_pretrained=true (timm hub, needs the network)")
     meta = checkpoint_metadata(checkpoint) if checkpoint else {}
+    state = checkpoint_state(checkpoint) if checkpoint else None
     name = name or meta.get("backbone") or "vit_base_patch16_224.augreg_in21k"
     args = {**meta.get("backbone_args", {}), **(args or {})}
-    overlay = {"pretrained_cfg_overlay": dict(file=str(checkpoint))} if checkpoint else {}
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0, **args, **overlay)
+        model = timm.create_model(name, pretrained=not checkpoint, num_classes=0, **args)
     except Exception as e:  # noqa: BLE001 - timm raises many kinds; the user needs one line
         raise ClbenchError(f"cannot build the L2P backbone {name!r} ({type(e).__name__}: {e}); check backbone, "
                            "backbone_args and the checkpoint (a timm ViT state dict)") from None
     if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
         raise ClbenchError(f"backbone {name!r} is not a timm VisionTransformer; use a vit_* model")
+    if checkpoint:
+        load_checkpoint_strict(model, state, checkpoint, name)
     model.requires_grad_(False).eval()
     source = {"source": "checkpoint" if checkpoint else "hub", "name": name, "args": args,
               "file": str(checkpoint) if checkpoint else None, "pretraining": meta or None}
     return model, source
+
+
+def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
+    """The ViT weights in a checkpoint (a state dict, or one under "state_dict" / "model"), checked to look like
+    a ViT's before any backbone is built (a wrong file fails at once, not after building a ViT-B)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ClbenchError(f"backbone checkpoint {path!r} holds no state dict of tensors; pass a timm ViT state "
+                           "dict, e.g. one written by `clbench pretrain`")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "patch_embed.proj.weight" not in state:
+        shown = ", ".join(list(state)[:4]) + (" ..." if len(state) > 4 else "")
+        raise ClbenchError(f"backbone checkpoint {path!r} does not hold a timm ViT's weights (no "
+                           f"patch_embed.proj.weight; its keys: {shown or 'none'}); pass a timm ViT state dict, e.g. "
+                           "one written by `clbench pretrain`")
+    return state
+
+
+def load_checkpoint_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    """Load ``state`` into ``model`` (the classifier head aside); any missing, unexpected or misshapen weight is an
+    error, never a backbone left partly random."""
+    try:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        state = checkpoint_filter_fn(state, model)  # timm's own conversions (e.g. position-embedding size)
+    except Exception:  # noqa: BLE001 - the comparison below says what does not fit
+        pass
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("head.") or k in expected}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    if missing or unexpected or misshapen:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]
+        raise ClbenchError(f"backbone checkpoint {path!r} does not match the backbone {name!r} "
+                           f"({'; '.join(parts)}); pass backbone=NAME and backbone_args={{...}} for the architecture "
+                           "it was saved from (a `clbench pretrain` checkpoint records them)")
+    model.load_state_dict(state, strict=True)
 
 
 class PromptedViT(nn.Module):
@@ -111,11 +158,11 @@ class L2P(Strategy):
     """Learning to Prompt: prompt pool with keys on a frozen ViT, class-masked training (Wang et al. 2022)."""
 
     scenarios = ("class",)
+    train_defaults = {"optimizer": "adam"}
 
     def __init__(self, pool_size: int = 10, prompt_length: int = 5, top_n: int = 5, key_weight: float = 0.1,
                  diversify: bool = True, backbone: str | None = None, backbone_args: dict | None = None,
                  backbone_checkpoint: str | None = None, backbone_pretrained: bool = False, **train) -> None:
-        train.setdefault("optimizer", "adam")
         super().__init__(**train)
         if not 1 <= int(top_n) <= int(pool_size) or int(prompt_length) < 1:
             raise ClbenchError(f"l2p needs 1 <= top_n <= pool_size and prompt_length >= 1; got "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from clbench.errors import ClbenchError
 from clbench.registry import register_strategy
 from clbench.strategy import Strategy
 from clbench.types import Task
@@ -24,7 +25,12 @@ class Replay(Strategy):
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, **train) -> None:
         super().__init__(**train)
-        self.buffer_size = int(buffer_size)
+        for key, value in (("buffer_size", buffer_size), ("replay_batch_size", replay_batch_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ClbenchError(f"replay: {key} must be a positive whole number, e.g. {key}=500; got {value!r}")
+        if buffer_size is None:
+            raise ClbenchError("replay: buffer_size must be a positive whole number, e.g. buffer_size=500; got None")
+        self.buffer_size = buffer_size
         self.replay_batch_size = replay_batch_size
         self.x = self.y = self.task_ids = None
         self.filled = self.seen = 0

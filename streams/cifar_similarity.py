@@ -26,6 +26,7 @@ import torch
 
 from clbench.data import load
 from clbench.errors import ClbenchError, check_unit_interval
+from clbench.progress import steps
 from clbench.registry import register_stream
 from clbench.transforms import Normalize, RandomCropFlip
 from clbench.types import Stream, Task, TrainDefaults
@@ -89,10 +90,13 @@ def similar_cifar100(tasks: int = 5, classes_per_task: int = 5, rho_a: float = 0
     coarse_of[data["train_y"].numpy()] = data["train_coarse"].numpy()
     rng = np.random.default_rng(seed)
     plan = superclass_tasks(coarse_of, tasks, classes_per_task, rho_a, rho_b, rng)
-    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng)
-    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng)
+    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng, "train_samples",
+                              "cifar100's training set")
+    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng, "test_samples",
+                            "cifar100's test set")
     task_list = []
-    for t, (classes, labels, n_sib) in enumerate(plan):
+    building = f"building similar-cifar100 ({tasks} tasks)"
+    for t, (classes, labels, n_sib) in steps(enumerate(plan), len(plan), building):
         label_of = torch.full((100,), -1, dtype=torch.long)
         label_of[torch.from_numpy(classes)] = torch.from_numpy(labels)
         cls = torch.from_numpy(classes)
@@ -109,4 +113,5 @@ def similar_cifar100(tasks: int = 5, classes_per_task: int = 5, rho_a: float = 0
         num_outputs=classes_per_task * (tasks if scenario == "task" else 1),
         defaults=TrainDefaults(model="resnet18-reduced", epochs=1, batch_size=32, lr=0.03),
         provenance={"dataset": "cifar100", "tasks": tasks, "classes_per_task": classes_per_task, "rho_a": rho_a,
-                    "rho_b": rho_b, "scenario": scenario, "seed": seed, "train_samples": len(train_x)})
+                    "rho_b": rho_b, "scenario": scenario, "seed": seed, "train_samples": len(train_x),
+                    "test_samples": len(test_x), "data": data["source"]})

@@ -28,6 +28,7 @@ import torch
 
 from clbench.data import load
 from clbench.errors import ClbenchError, check_unit_interval
+from clbench.progress import steps
 from clbench.registry import register_stream
 from clbench.transforms import PixelPermutation
 from clbench.types import Stream, Task, TrainDefaults
@@ -77,13 +78,15 @@ def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.
         raise ClbenchError(f"readout must be 'classification' or 'latent', got {readout!r}")
     data = load(dataset, root)
     rng = np.random.default_rng(seed)
-    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng)
-    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng)
+    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng, "train_samples",
+                              f"{dataset}'s training set")
+    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng, "test_samples",
+                            f"{dataset}'s test set")
     codes = latent_codes()
     perm, labels = np.arange(PIXELS), np.arange(10)
     B = torch.from_numpy(rng.standard_normal((10, 4))).float()
     task_list = []
-    for t in range(tasks):
+    for t in steps(range(tasks), tasks, f"building permuted-{dataset} ({tasks} tasks)"):
         if t > 0:
             perm = next_permutation(perm, rho_a, rng)
             if readout == "classification":
@@ -111,7 +114,8 @@ def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.
         name=f"permuted-{dataset}", tasks=task_list, scenario=scenario, loss=loss, input_shape=(1, 28, 28),
         num_outputs=10 * tasks if scenario == "task" else 10, defaults=defaults,
         provenance={"dataset": dataset, "tasks": tasks, "rho_a": rho_a, "rho_b": rho_b, "readout": readout,
-                    "scenario": scenario, "train_samples": len(train_x), "test_samples": len(test_x), "seed": seed},
+                    "scenario": scenario, "train_samples": len(train_x), "test_samples": len(test_x), "seed": seed,
+                    "data": data["source"]},
     )
 
 

@@ -34,8 +34,10 @@ def split(dataset: str, classes_per_task: int, scenario: str = "class", shuffle_
     data = load(dataset, root)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_classes) if shuffle_classes else np.arange(n_classes)
-    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng)
-    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng)
+    train_x, train_y = subset(data["train_x"], data["train_y"], train_samples, rng, "train_samples",
+                              f"{dataset}'s training set")
+    test_x, test_y = subset(data["test_x"], data["test_y"], test_samples, rng, "test_samples",
+                            f"{dataset}'s test set")
     is_cifar = dataset.startswith("cifar")
     transform = Normalize(*CIFAR_MEAN_STD[dataset]) if is_cifar else Scale()
     task_list = []
@@ -58,7 +60,8 @@ def split(dataset: str, classes_per_task: int, scenario: str = "class", shuffle_
                   num_outputs=n_classes, defaults=defaults,
                   provenance={"dataset": dataset, "classes_per_task": classes_per_task, "class_order": order.tolist(),
                               "scenario": scenario, "augment": augment, "seed": seed,
-                              "train_samples": len(train_x), "test_samples": len(test_x)})
+                              "train_samples": len(train_x), "test_samples": len(test_x),
+                              "data": data["source"]})
 
 
 @register_stream("split-mnist")

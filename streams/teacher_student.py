@@ -24,6 +24,7 @@ import math
 import torch
 
 from clbench.errors import ClbenchError, check_unit_interval
+from clbench.progress import steps
 from clbench.registry import register_stream
 from clbench.types import Stream, Task, TrainDefaults
 
@@ -69,7 +70,7 @@ def teacher_student(
     B = torch.randn(output_dim, latent_dim, generator=g, dtype=torch.float64) * scale
     basis = math.sqrt(latent_dim) * torch.eye(latent_dim, dtype=torch.float64)
     task_list = []
-    for t in range(tasks):
+    for t in steps(range(tasks), tasks, f"building teacher-student ({tasks} tasks)"):
         if t > 0:
             A, B = _next(A, rho_a, g, scale), _next(B, rho_b, g, scale)
         test_x, test_y = basis @ A.T, basis @ B.T

@@ -39,7 +39,7 @@ def expected_growth(layers, head, r1, r2, T, bias=True):
 @pytest.mark.parametrize("scenario", ["task", "domain"])
 def test_iru_zero_forgetting_and_growth(scenario):
     stream = permuted_stream(scenario=scenario)
-    result = clbench.run(stream, clbench.make_strategy("iru", r1=4, r2=1), device="cpu", progress=False)
+    result = clbench.run(stream, clbench.make_strategy("iru", r1=4, r2=1, lr=0.01), device="cpu", progress=False)
     R = np.array(result.R)
     T = len(stream)
     for j in range(T):
