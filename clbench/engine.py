@@ -28,7 +28,8 @@ from clbench.types import Stream, Task
 
 @dataclass
 class Result:
-    """Everything a run produced. ``R`` is the (T+1) x T score matrix (see clbench.metrics)."""
+    """Everything a run produced. ``R`` is the (T+1) x T score matrix (see clbench.metrics);
+    ``extra["raw"]`` the same matrix before scoring (accuracy, or the mean squared error for regression)."""
 
     R: list[list[float]]
     metrics: dict[str, float]
@@ -185,7 +186,8 @@ def run(
         return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves, wall_time_s=time.perf_counter() - start,
                       peak_memory_mb=_peak_memory_mb(dev), parameter_count=count_parameters(model),
                       config=config, seed=seed, versions=versions(),
-                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results()},
+                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
+                             "raw": _finite(raw.tolist())},
                       complete=complete)
 
     raw[0] = evaluate(strategy, tasks, stream.loss)
