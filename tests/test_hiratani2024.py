@@ -34,3 +34,54 @@ def test_strength_from_gamma_and_bad_input():
         strength_from_gamma(0.0, stream)
     with pytest.raises(ClbenchError, match="anchor_initial is implemented for ewc-diag"):
         run(stream, make_strategy("ewc-full", anchor_initial=True, epochs=1), device="cpu", progress=False)
+
+
+def _engine(strategy_name, **args):
+    import torch
+
+    stream = make_stream("teacher-student", rho_a=0.7, rho_b=0.4, input_dim=300, seed=4)
+    strategy = make_strategy(strategy_name, epochs=30, **args)
+    r = run(stream, strategy, device="cpu", seed=4, progress=False)
+    return torch.tensor(r.extra["raw"], dtype=torch.float64), strategy, r
+
+
+def test_latent_form_of_the_reproduction_matches_the_engine_seed_by_seed():
+    """The reproduction's fast simulator gives the engine's raw errors with clbench's strategies and gates."""
+    from clbench.reproduce import hiratani2024 as h
+    from clbench.strategies.activity_gating import random_gate
+
+    T = h.mix(h.base_teachers([4], input_dim=300), 0.7, 0.4)
+    check = lambda raw, sim: np.testing.assert_allclose(raw.numpy(), sim["raw"][0].numpy(), atol=2e-4)  # noqa: E731
+    check(_engine("finetune")[0], h.simulate("vanilla", T, [4], epochs=30))
+    check(_engine("l2", anchor_initial=True, gamma=0.5)[0], h.simulate("l2", T, [4], epochs=30, gamma=0.5))
+    check(_engine("ewc-full", gamma=0.3)[0], h.simulate("ewc-full", T, [4], epochs=30, gamma=0.3))
+    raw, s, _ = _engine("activity-gating", alpha=0.5, sampling="bernoulli", rescale=False)
+    check(raw, h.simulate("gating", T, [4], epochs=30, gates=(s.gates[0][0][None].double(), s.gates[1][0][None].double())))
+    raw, s, r = _engine("adaptive-gating", alpha=0.5, sampling="bernoulli", rescale=False)
+    sim = h.simulate("adaptive", T, [4], epochs=30, gates=(s.gates[0][0][None].double(), s.gates[1][0][None].double()))
+    check(raw, sim)
+    assert float(sim["rho_g"][0]) == pytest.approx(r.extra["gate_reuse_probability"]["1"], abs=1e-4)
+    raw, s, _ = _engine("plasticity-gating", alpha=0.5)
+    masks = [random_gate(300, 0.5, s.base_seed + 7919 * t, False)[None].double() for t in (0, 1)]
+    check(raw, h.simulate("plasticity", T, [4], epochs=30, gates=tuple(masks)))
+
+
+def test_reproduce_quick_matches_the_closed_forms_within_seed_noise(tmp_path):
+    from clbench.reproduce import hiratani2024 as h, reproduce
+
+    path = reproduce("hiratani2024", tmp_path / "report", quick=True)
+    import json
+
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    for panel, d in results["deviations"].items():
+        assert d["outside_noise"] == 0, (panel, d)  # within 3 SE + 2 Ns/Nx of the closed forms at every point
+    assert results["deviations"]["vanilla"]["max_deviation"] < 0.2
+    full = {r["gamma"]: r["retention"][0] for r in results["regularisers"]["ewc-full"]}
+    l2 = {r["gamma"]: r["retention"][0] for r in results["regularisers"]["l2"]}
+    assert full[0.2] > 0.95 and l2[0.2] < 0.6  # the paper: full Fisher retains whatever the similarity, L2 does not
+    text = path.read_text()
+    assert "Largest deviations from theory" in text and "What differs from the paper" in text
+    assert all((tmp_path / "report" / f).stat().st_size > 1000 for f in ("vanilla_grid.png", "gating.png", "regularisers.png"))
+    assert h.gating_average(1.0) == pytest.approx((1 / 6, 1 - (1 / 5 - 1 / 4 + 1 / 3)))
+    with pytest.raises(ClbenchError, match="unknown paper"):
+        reproduce("nope", tmp_path)
