@@ -200,7 +200,8 @@ def run(
         steps = max(math.ceil(len(t.train_x) / bs) for t in train_on)
         curve = []
         for epoch in range(settings["epochs"]):
-            orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) for t in train_on]
+            orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) if settings["shuffle"]
+                      else torch.arange(len(t.train_x), device=dev) for t in train_on]
             epoch_loss = torch.zeros((), device=dev)
             for step in range(steps):
                 loss = 0.0

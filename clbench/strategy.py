@@ -41,8 +41,10 @@ class Strategy:
         lr: float | None = None,
         batch_size: int | None = None,
         optimizer: str | None = None,
+        shuffle: bool = True,
     ) -> None:
         self.epochs, self.lr, self.batch_size, self.optimizer = epochs, lr, batch_size, optimizer
+        self.shuffle = shuffle  # False: batches in the stored order every epoch (Hiratani's pm scripts)
         self.model: nn.Module | None = None
         self.stream: Stream | None = None
 
@@ -110,6 +112,7 @@ class Strategy:
             "lr": d.lr if self.lr is None else float(self.lr),
             "batch_size": d.batch_size if self.batch_size is None else int(self.batch_size),
             "optimizer": d.optimizer if self.optimizer is None else str(self.optimizer),
+            "shuffle": bool(self.shuffle),
         }
 
 

@@ -85,3 +85,49 @@ def test_reproduce_quick_matches_the_closed_forms_within_seed_noise(tmp_path):
     assert h.gating_average(1.0) == pytest.approx((1 / 6, 1 - (1 / 5 - 1 / 4 + 1 / 3)))
     with pytest.raises(ClbenchError, match="unknown paper"):
         reproduce("nope", tmp_path)
+
+
+def test_permuted_stream_options_of_the_authors(tmp_path, monkeypatch):
+    """pm/pm_data.py: any derangement of the chosen pixels; task 1 already a partial permutation of the raw images."""
+    from fake_data import write_idx_dataset
+
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    root = str(write_idx_dataset(tmp_path / "m", train=50, test=20))
+    make = lambda **kw: make_stream("permuted-mnist", tasks=3, rho_a=0.75, root=root, readout="latent", **kw)  # noqa: E731
+    default = make()
+    assert (default.tasks[0].metadata["permutation"] == np.arange(784)).all()
+    cycles = []
+    for kind in ("cycle", "derangement"):
+        s = make(permutation=kind, first_task="permuted", seed=3)
+        perms = [np.arange(784)] + [t.metadata["permutation"] for t in s.tasks]
+        for before, after in zip(perms, perms[1:]):
+            assert int((before != after).sum()) == 196  # exactly (1 - rho_a) 784 pixels move, none stays
+        moved = perms[1] != perms[0]
+        seen, p, n = set(), int(np.flatnonzero(moved)[0]), 0
+        while p not in seen:  # follow the cycle through the first moved pixel
+            seen.add(p)
+            p, n = int(perms[1][p]), n + 1
+        cycles.append(n)
+    assert cycles[0] == 196 and cycles[1] < 196  # one cycle vs a uniform derangement (almost never one cycle)
+    with pytest.raises(ClbenchError, match="permutation must be"):
+        make(permutation="swap")
+    with pytest.raises(ClbenchError, match="first_task must be"):
+        make(first_task="x")
+
+
+def test_small_mlp_init_and_unshuffled_training():
+    from clbench.models import build_model
+
+    model = build_model("mlp", (1, 28, 28), 10, widths=(1500,), init="small")
+    w = model[1].weight
+    assert float(w.detach().std()) == pytest.approx(1 / 784, rel=0.02) and float(model[3].weight.detach().std()) == pytest.approx(1 / 1500, rel=0.05)
+    with pytest.raises(ClbenchError, match="init must be"):
+        build_model("mlp", (4,), 2, init="big")
+    R = {}
+    for shuffle in (True, False):
+        for seed in (0, 1):
+            stream = make_stream("teacher-student", mode="sampled", samples=200, input_dim=100, seed=0)
+            R[shuffle, seed] = run(stream, make_strategy("finetune", epochs=2, batch_size=50, shuffle=shuffle),
+                                   device="cpu", seed=seed, progress=False).R
+    assert R[False, 0] == R[False, 1]  # zero init, same order: the seed no longer matters
+    assert R[True, 0] != R[True, 1]
