@@ -86,8 +86,8 @@ class EWCFull(EWCDiag):
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
                  decay: float = 1.0, fisher_form: str = "auto", max_entries: int = 2 * 10**8, **train) -> None:
         super().__init__(strength, fisher_samples, fisher, decay, **train)
-        if fisher_form not in ("auto", "exact", "kfac"):
-            raise ClbenchError(f"fisher_form must be auto, exact or kfac, got {fisher_form!r}")
+        if fisher_form not in ("auto", "exact", "kfac", "layerwise"):
+            raise ClbenchError(f"fisher_form must be auto, exact, kfac or layerwise, got {fisher_form!r}")
         self.fisher_form, self.max_entries = fisher_form, int(max_entries)
         self.form_used: str | None = None
 
@@ -97,6 +97,9 @@ class EWCFull(EWCDiag):
             form = "exact" if fisher.full_fits(self, task, self.fisher_samples, self.fisher_kind,
                                                self.max_entries) else "kfac"
         self.form_used = form
+        if form == "layerwise":  # Hiratani 2024's layer-wise Fisher for ReLU MLPs (clbench.layerwise_fisher)
+            from clbench.layerwise_fisher import layerwise
+            return "kfac", [(m, A, G, 1.0) for m, A, G in layerwise(self, task, self.fisher_samples)]
         if form == "kfac":
             return "kfac", [(m, A, G, 1.0) for m, A, G in fisher.kfac(self, task, self.fisher_samples,
                                                                       self.fisher_kind)]

@@ -131,3 +131,38 @@ def test_small_mlp_init_and_unshuffled_training():
                                    device="cpu", seed=seed, progress=False).R
     assert R[False, 0] == R[False, 1]  # zero init, same order: the seed no longer matters
     assert R[True, 0] != R[True, 1]
+
+
+def test_layerwise_fisher_gradient_is_the_authors_update():
+    """pm_model.py update_wr_fim: dW2_reg = dW2 Phi / ||Phi||, dW1_reg = D W2^T W2 D dW1 X / (||W2^T W2|| ||X||)."""
+    import torch
+
+    from clbench.models import build_model
+    from clbench.layerwise_fisher import layerwise
+    from clbench.types import Stream, Task, TrainDefaults
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    task = Task(id=0, train_x=x, train_y=torch.zeros(64, 3), test_x=x, test_y=torch.zeros(64, 3))
+    stream = Stream(name="s", tasks=[task], scenario="domain", loss="mse", input_shape=(12,), num_outputs=3,
+                    defaults=TrainDefaults(model="mlp", model_args={}, epochs=1, batch_size=8, lr=0.1, optimizer="sgd"))
+    strategy = make_strategy("ewc-full", fisher_form="layerwise", strength=0.7)
+    strategy.setup(build_model("mlp", (12,), 3, widths=(9,)), stream)
+    (m1, A1, G1), (m2, A2, G2) = layerwise(strategy, task, 64)
+    strategy.after_task(task)
+    W1, W2 = m1.weight.detach().double(), m2.weight.detach().double()
+    z = x.double() @ W1.T + m1.bias.detach().double()
+    phi, dphi = z.clamp(min=0), (z > 0).double()
+    X, Phi, D = x.double().T @ x.double() / 64, phi.T @ phi / 64, torch.diag(dphi.mean(0))
+    norm = lambda M: torch.linalg.matrix_norm(M, 2)  # noqa: E731
+    dW1, dW2 = torch.randn(9, 12, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+    with torch.no_grad():
+        m1.weight += dW1.float()
+        m2.weight += dW2.float()
+        m1.bias += 1.0  # biases are not regularised
+    strategy.penalty().backward()
+    expected1 = 0.7 * D @ W2.T @ W2 @ D @ dW1 @ X / (norm(W2.T @ W2) * norm(X))
+    expected2 = 0.7 * dW2 @ Phi / norm(Phi)
+    torch.testing.assert_close(m1.weight.grad.double(), expected1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m2.weight.grad.double(), expected2, rtol=1e-4, atol=1e-6)
+    assert float(m1.bias.grad.abs().max()) == 0.0
