@@ -242,7 +242,8 @@ def _add_reproduce(sub) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from clbench.reproduce import reproduce
 
-    path = reproduce(args.paper, args.output or os.path.join("reproductions", args.paper), quick=args.quick)
+    path = reproduce(args.paper, args.output or os.path.join("reproductions", args.paper), quick=args.quick,
+                     progress=lambda name: print(f"running {name}", flush=True))
     print(f"report written to {path}")
     return 0
 
