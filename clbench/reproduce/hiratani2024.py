@@ -437,7 +437,7 @@ def _figures(results: dict, out: Path) -> dict[str, str]:
             pts = reg[m]
             ax.errorbar([p["gamma"] + 0.01 * (k - 1) for p in pts], [p[key][0] for p in pts], [p[key][1] for p in pts],
                         fmt="o-", color=f"C{k}", label=label)
-        ax.set(xlabel="gamma (strength: lambda = (Nx/Ns)(1/gamma - 1), lambda_c = 1/gamma - 1)", ylabel=key,
+        ax.set(xlabel="gamma (the paper's strength; 1 = none)", ylabel=key,
                title=f"weight regularisation: {key}")
         ax.legend(fontsize=7)
     fig.tight_layout()
