@@ -244,6 +244,24 @@ def _add_plot(sub) -> None:
         q.add_argument("--output", required=True, help="PNG file to write")
 
 
+def _add_reproduce(sub) -> None:
+    from clbench.reproduce import PAPERS
+
+    p = sub.add_parser("reproduce", help="rerun a paper's experiments and write a report (Markdown + PNG figures)")
+    p.add_argument("paper", choices=sorted(PAPERS), help="which paper")
+    p.add_argument("--quick", action="store_true", help="the small size (seconds), for CI")
+    p.add_argument("--output", default=None, help="report folder (default: reproductions/PAPER)")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from clbench.reproduce import reproduce
+
+    path = reproduce(args.paper, args.output or os.path.join("reproductions", args.paper), quick=args.quick,
+                     progress=lambda name: print(f"running {name}", flush=True))
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from clbench import leaderboard, plots
     from clbench.store import Store
@@ -274,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_leaderboard(sub)
     _add_plot(sub)
+    _add_reproduce(sub)
     _add_pretrain(sub)
     return parser
 
@@ -441,7 +460,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for plugin in plugins:
         load_plugin(plugin)
     handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
-                "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot}
+                "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot,
+                "reproduce": cmd_reproduce}
     if args.command is None:
         parser.print_help()
         return 0

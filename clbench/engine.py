@@ -28,7 +28,8 @@ from clbench.types import Stream, Task
 
 @dataclass
 class Result:
-    """Everything a run produced. ``R`` is the (T+1) x T score matrix (see clbench.metrics)."""
+    """Everything a run produced. ``R`` is the (T+1) x T score matrix (see clbench.metrics);
+    ``extra["raw"]`` the same matrix before scoring (accuracy, or the mean squared error for regression)."""
 
     R: list[list[float]]
     metrics: dict[str, float]
@@ -196,7 +197,8 @@ def run(
         return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves, wall_time_s=time.perf_counter() - start,
                       peak_memory_mb=_peak_memory_mb(dev), parameter_count=count_parameters(model),
                       config=config, seed=seed, versions=versions(),
-                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results()},
+                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
+                             "raw": _finite(raw.tolist())},
                       complete=complete)
 
     # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
@@ -214,7 +216,8 @@ def run(
         steps = max(math.ceil(len(t.train_x) / bs) for t in train_on)
         curve = []
         for epoch in range(settings["epochs"]):
-            orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) for t in train_on]
+            orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) if settings["shuffle"]
+                      else torch.arange(len(t.train_x), device=dev) for t in train_on]
             epoch_loss = torch.zeros((), device=dev)
             for step in range(steps):
                 loss = 0.0

@@ -31,8 +31,15 @@ def mlp(
     widths: tuple[int, ...] | list[int] | int = (400, 400),
     activation: str = "relu",
     bias: bool = True,
+    init: str = "default",
 ) -> nn.Module:
-    """Fully connected network: Flatten, [Linear, activation] per hidden width, Linear output."""
+    """Fully connected network: Flatten, [Linear, activation] per hidden width, Linear output.
+
+    ``init="small"``: weights and biases N(0, 1/fan_in^2), as Hiratani's pm/pm_model.py ("small
+    initialization"); ``"default"`` keeps torch's.
+    """
+    if init not in ("default", "small"):
+        raise ClbenchError(f"init must be 'default' or 'small', got {init!r}")
     if activation not in ACTIVATIONS:
         raise ClbenchError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
@@ -47,6 +54,12 @@ def mlp(
         layers += [nn.Linear(fan_in, w, bias=bias), ACTIVATIONS[activation]()]
         fan_in = w
     layers.append(nn.Linear(fan_in, num_outputs, bias=bias))
+    if init == "small":
+        with torch.no_grad():
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    for p in layer.parameters():
+                        p.normal_(0.0, 1.0 / layer.in_features)
     return nn.Sequential(*layers)
 
 

@@ -73,10 +73,12 @@ class Strategy:
         lr: float | None = None,
         batch_size: int | None = None,
         optimizer: str | None = None,
+        shuffle: bool = True,
     ) -> None:
         checked = check_training_settings(epochs, lr, batch_size, optimizer)
         self.epochs, self.lr, self.batch_size, self.optimizer = (checked[k] for k in ("epochs", "lr", "batch_size",
                                                                                          "optimizer"))
+        self.shuffle = shuffle  # False: batches in the stored order every epoch (Hiratani's pm scripts)
         self.model: nn.Module | None = None
         self.stream: Stream | None = None
 
@@ -141,7 +143,8 @@ class Strategy:
         d = self.stream.defaults
         given = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "optimizer": self.optimizer}
         own = check_training_settings(**self.train_defaults)
-        return {k: v if v is not None else own[k] if own[k] is not None else getattr(d, k) for k, v in given.items()}
+        settings = {k: v if v is not None else own[k] if own[k] is not None else getattr(d, k) for k, v in given.items()}
+        return {**settings, "shuffle": bool(self.shuffle)}
 
 
 def parameter_vector(model: nn.Module) -> torch.Tensor:

@@ -7,6 +7,12 @@ transfer, higher retention. The gate multiplies the input of each gated
 Linear layer; with ``layers="all"`` that includes the network's input (as in
 Hiratani on MNIST), with ``layers="hidden"`` only hidden units (XdG). The task
 id selects the gate at test time.
+
+Hiratani's own scripts (github nhiratani/transfer_retention_model) draw
+Bernoulli(alpha) gates and do not rescale them: ``sampling="bernoulli",
+rescale=False`` reproduces that. clbench's defaults (exactly round(alpha n)
+active units, scaled by 1/sqrt(alpha) to keep the activity's scale) are kept
+for continuity.
 """
 from __future__ import annotations
 
@@ -19,11 +25,17 @@ from clbench.strategy import Strategy
 from clbench.types import Stream, Task
 
 
-def random_gate(size: int, alpha: float, seed: int, rescale: bool) -> torch.Tensor:
-    """A 0/1 vector with round(alpha * size) ones at random places (scaled by 1/sqrt(alpha) if rescale)."""
+def random_gate(size: int, alpha: float, seed: int, rescale: bool, sampling: str = "exact") -> torch.Tensor:
+    """A 0/1 vector (scaled by 1/sqrt(alpha) if rescale): round(alpha * size) ones at random places
+    (``sampling="exact"``), or each unit on independently with probability alpha (``"bernoulli"``, Hiratani's scripts)."""
     g = torch.Generator().manual_seed(seed)
-    gate = torch.zeros(size)
-    gate[torch.randperm(size, generator=g)[: max(1, round(alpha * size))]] = 1.0
+    if sampling == "bernoulli":
+        gate = (torch.rand(size, generator=g) < alpha).float()
+    elif sampling == "exact":
+        gate = torch.zeros(size)
+        gate[torch.randperm(size, generator=g)[: max(1, round(alpha * size))]] = 1.0
+    else:
+        raise ClbenchError(f"sampling must be 'exact' or 'bernoulli', got {sampling!r}")
     return gate / alpha**0.5 if rescale else gate
 
 
@@ -34,14 +46,17 @@ class ActivityGating(Strategy):
     scenarios = ("task", "domain")
     uses_task_id_at_test = True
 
-    def __init__(self, alpha: float = 0.5, layers: str = "all", rescale: bool = True, **train) -> None:
+    def __init__(self, alpha: float = 0.5, layers: str = "all", rescale: bool = True, sampling: str = "exact",
+                 **train) -> None:
         super().__init__(**train)
         self.alpha = check_unit_interval("alpha", alpha)
         if self.alpha == 0:
             raise ClbenchError("alpha must be > 0: a gate with no active unit blocks all learning")
         if layers not in ("all", "hidden"):
             raise ClbenchError(f"layers must be 'all' or 'hidden', got {layers!r}")
-        self.layers, self.rescale = layers, bool(rescale)
+        if sampling not in ("exact", "bernoulli"):
+            raise ClbenchError(f"sampling must be 'exact' or 'bernoulli', got {sampling!r}")
+        self.layers, self.rescale, self.sampling = layers, bool(rescale), sampling
         self.gates: dict[int, list[torch.Tensor]] = {}
         self.current: list[torch.Tensor] = []
 
@@ -62,8 +77,8 @@ class ActivityGating(Strategy):
             device = next(self.model.parameters()).device
             with torch.inference_mode(False):  # first drawn during evaluation; training must be able to use it
                 self.gates[task.id] = [
-                    random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, self.rescale)
-                    .to(device) for k, layer in enumerate(self.gated)
+                    random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, self.rescale,
+                                self.sampling).to(device) for k, layer in enumerate(self.gated)
                 ]
         return self.gates[task.id]
 

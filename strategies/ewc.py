@@ -18,19 +18,39 @@ from clbench import fisher
 from clbench.errors import ClbenchError
 from clbench.registry import register_strategy
 from clbench.strategy import Strategy, parameter_vector
+from clbench.strategies.l2 import strength_from_gamma
 from clbench.types import Task
 
 
 @register_strategy("ewc-diag")
 class EWCDiag(Strategy):
-    """EWC with the diagonal Fisher (Kirkpatrick et al. 2017); true Fisher by default."""
+    """EWC with the diagonal Fisher (Kirkpatrick et al. 2017); true Fisher by default.
+
+    ``anchor_initial=True`` also pulls task 1 towards the initial weights, weighted by task 1's own Fisher there
+    (Hiratani's lst_cwn_diag.py uses the Fisher of an independent task 0 with the same statistics); ``gamma``
+    (teacher-student only) sets the strength the paper's way (clbench.strategies.l2.strength_from_gamma).
+    """
 
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
-                 decay: float = 1.0, **train) -> None:
+                 decay: float = 1.0, anchor_initial: bool = False, gamma: float | None = None, **train) -> None:
         super().__init__(**train)
         self.strength, self.fisher_samples, self.fisher_kind, self.decay = float(strength), int(fisher_samples), fisher, float(decay)
         self.anchor: torch.Tensor | None = None
         self.importance = None
+        self.anchor_initial, self.gamma, self._initial_anchor = bool(anchor_initial), gamma, False
+
+    def setup(self, model, stream):
+        model = super().setup(model, stream)
+        if self.gamma is not None:
+            metric = "fisher" if isinstance(self, EWCFull) else "euclidean"
+            self.strength = strength_from_gamma(float(self.gamma), stream, metric)
+        return model
+
+    def before_task(self, task: Task) -> None:
+        if self.anchor_initial and self.anchor is None:
+            if isinstance(self, EWCFull):
+                raise ClbenchError("anchor_initial is implemented for ewc-diag (and l2), not ewc-full")
+            self.importance, self.anchor, self._initial_anchor = self.task_fisher(task), parameter_vector(self.model), True
 
     def delta(self) -> torch.Tensor:
         return torch.cat([p.reshape(-1) for p in self.trainable_parameters()]) - self.anchor
@@ -45,6 +65,8 @@ class EWCDiag(Strategy):
         return (self.importance * d * d).sum()
 
     def after_task(self, task: Task) -> None:
+        if self._initial_anchor:  # the pull to the initial weights ends with task 1
+            self.importance, self._initial_anchor = None, False
         self.importance = self.accumulate(self.task_fisher(task))
         self.anchor = parameter_vector(self.model)
 
@@ -64,8 +86,8 @@ class EWCFull(EWCDiag):
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
                  decay: float = 1.0, fisher_form: str = "auto", max_entries: int = 2 * 10**8, **train) -> None:
         super().__init__(strength, fisher_samples, fisher, decay, **train)
-        if fisher_form not in ("auto", "exact", "kfac"):
-            raise ClbenchError(f"fisher_form must be auto, exact or kfac, got {fisher_form!r}")
+        if fisher_form not in ("auto", "exact", "kfac", "layerwise"):
+            raise ClbenchError(f"fisher_form must be auto, exact, kfac or layerwise, got {fisher_form!r}")
         self.fisher_form, self.max_entries = fisher_form, int(max_entries)
         self.form_used: str | None = None
 
@@ -75,6 +97,9 @@ class EWCFull(EWCDiag):
             form = "exact" if fisher.full_fits(self, task, self.fisher_samples, self.fisher_kind,
                                                self.max_entries) else "kfac"
         self.form_used = form
+        if form == "layerwise":  # Hiratani 2024's layer-wise Fisher for ReLU MLPs (clbench.layerwise_fisher)
+            from clbench.layerwise_fisher import layerwise
+            return "kfac", [(m, A, G, 1.0) for m, A, G in layerwise(self, task, self.fisher_samples)]
         if form == "kfac":
             return "kfac", [(m, A, G, 1.0) for m, A, G in fisher.kfac(self, task, self.fisher_samples,
                                                                       self.fisher_kind)]

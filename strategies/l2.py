@@ -3,19 +3,53 @@ from __future__ import annotations
 
 import torch
 
+from clbench.errors import ClbenchError
 from clbench.registry import register_strategy
 from clbench.strategy import Strategy, parameter_vector
-from clbench.types import Task
+from clbench.types import Stream, Task
+
+
+def strength_from_gamma(gamma: float, stream: Stream, metric: str = "euclidean") -> float:
+    """clbench's penalty strength for Hiratani's gamma on the teacher-student stream (NeurIPS 2024).
+
+    The authors' scripts (lst_wn.py, lst_cwn_diag.py, lst_cwn.py) add lambda (W - W_prev) M to the gradient
+    of ||B - W A||^2 with lambda = (Nx/Ns)(1/gamma - 1) for L2 (M = I) and the diagonal Fisher
+    (M = diag(A A^T)), lambda = 1/gamma - 1 for the full Fisher (M = A A^T, ``metric="fisher"``). clbench
+    minimises ||B - W A||^2 / Ny + strength/2 (W - W_prev) M (W - W_prev)^T, so strength = 2 lambda / Ny.
+    With the penalty also on task 1 (anchor at W = 0), task 1 is learned to the fraction gamma.
+    """
+    if stream.name != "teacher-student":
+        raise ClbenchError(f"gamma is defined for the teacher-student stream, not {stream.name!r}; give strength instead")
+    if not 0 < gamma <= 1:
+        raise ClbenchError(f"gamma must be in (0, 1], got {gamma!r}")
+    if metric not in ("euclidean", "fisher"):
+        raise ClbenchError(f"metric must be 'euclidean' or 'fisher', got {metric!r}")
+    p = stream.provenance
+    lam = (1 / gamma - 1) * (p["input_dim"] / p["latent_dim"] if metric == "euclidean" else 1.0)
+    return 2 * lam / p["output_dim"]
 
 
 @register_strategy("l2")
 class L2(Strategy):
-    """Penalty strength/2 ||theta - theta_prev||^2 to the weights after the previous task (Hiratani 2024)."""
+    """Penalty strength/2 ||theta - theta_prev||^2 to the weights after the previous task (Hiratani 2024).
 
-    def __init__(self, strength: float = 1.0, **train) -> None:
+    ``anchor_initial=True`` also pulls task 1 towards the initial weights, as the authors' lst_wn.py does;
+    ``gamma`` (teacher-student only) sets the strength the paper's way (see ``strength_from_gamma``).
+    """
+
+    def __init__(self, strength: float = 1.0, anchor_initial: bool = False, gamma: float | None = None,
+                 **train) -> None:
         super().__init__(**train)
-        self.strength = float(strength)
+        self.strength, self.anchor_initial, self.gamma = float(strength), bool(anchor_initial), gamma
         self.anchor: torch.Tensor | None = None
+
+    def setup(self, model, stream):
+        model = super().setup(model, stream)
+        if self.gamma is not None:
+            self.strength = strength_from_gamma(float(self.gamma), stream)
+        if self.anchor_initial:
+            self.anchor = parameter_vector(model)
+        return model
 
     def after_task(self, task: Task) -> None:
         self.anchor = parameter_vector(self.model)

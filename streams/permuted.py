@@ -18,6 +18,11 @@ Readout similarity rho_b (Hiratani, NeurIPS 2024), two readouts:
   with probability rho_b and redraws the rest: B' = G*B + (1-G)*B~,
   G ~ Bernoulli(rho_b). MSE; score 1 - error/error_at_init.
 
+Options for Hiratani's own settings (pm/pm_data.py): ``permutation="derangement"``
+(any derangement of the chosen pixels instead of one cycle) and ``first_task="permuted"``
+(task 1 is itself a partial permutation of the raw images by rho_a, instead of
+the raw images).
+
 Scenarios: ``domain`` (one shared head; the task id is not an input) or
 ``task`` (one head of 10 outputs per task).
 """
@@ -37,13 +42,21 @@ from clbench.streams._common import check_positive, check_scenario, cyclic_deran
 PIXELS = 784
 
 
-def next_permutation(perm: np.ndarray, rho_a: float, rng: np.random.Generator) -> np.ndarray:
-    """Re-shuffle round(784 (1 - rho_a)) randomly chosen positions of ``perm`` as a derangement."""
+def next_permutation(perm: np.ndarray, rho_a: float, rng: np.random.Generator, kind: str = "cycle") -> np.ndarray:
+    """Re-shuffle round(784 (1 - rho_a)) randomly chosen positions of ``perm`` as a derangement: one random
+    cycle (``kind="cycle"``), or any derangement, drawn uniformly by redrawing a random permutation until no
+    chosen pixel stays (``"derangement"``, as Hiratani's pm/pm_data.py)."""
     k = round(PIXELS * (1 - rho_a))
     new = perm.copy()
     if k >= 2:
         chosen = rng.choice(PIXELS, size=k, replace=False)
-        source, target = cyclic_derangement(chosen, rng)
+        if kind == "cycle":
+            source, target = cyclic_derangement(chosen, rng)
+        else:
+            order = rng.permutation(k)
+            while np.any(order == np.arange(k)):
+                order = rng.permutation(k)
+            source, target = chosen[order], chosen
         new[target] = perm[source]
     return new
 
@@ -69,8 +82,12 @@ def latent_codes(classes: int = 10, bits: int = 4) -> torch.Tensor:
 
 def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.0, readout: str = "classification",
              scenario: str = "domain", train_samples: int | None = None, test_samples: int | None = None,
-             root: str | None = None, seed: int = 0) -> Stream:
+             root: str | None = None, seed: int = 0, permutation: str = "cycle", first_task: str = "raw") -> Stream:
     """Permuted-pixel stream of an IDX dataset with input (rho_a) and readout (rho_b) similarity."""
+    if permutation not in ("cycle", "derangement"):
+        raise ClbenchError(f"permutation must be 'cycle' or 'derangement', got {permutation!r}")
+    if first_task not in ("raw", "permuted"):
+        raise ClbenchError(f"first_task must be 'raw' or 'permuted', got {first_task!r}")
     rho_a, rho_b = check_unit_interval("rho_a", rho_a), check_unit_interval("rho_b", rho_b)
     check_scenario(scenario, ("domain", "task"))
     check_positive(tasks=tasks)
@@ -87,8 +104,9 @@ def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.
     B = torch.from_numpy(rng.standard_normal((10, 4))).float()
     task_list = []
     for t in steps(range(tasks), tasks, f"building permuted-{dataset} ({tasks} tasks)"):
+        if t > 0 or first_task == "permuted":
+            perm = next_permutation(perm, rho_a, rng, permutation)
         if t > 0:
-            perm = next_permutation(perm, rho_a, rng)
             if readout == "classification":
                 labels = next_label_map(labels, rho_b, rng)
             else:
@@ -115,29 +133,35 @@ def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.
         num_outputs=10 * tasks if scenario == "task" else 10, defaults=defaults,
         provenance={"dataset": dataset, "tasks": tasks, "rho_a": rho_a, "rho_b": rho_b, "readout": readout,
                     "scenario": scenario, "train_samples": len(train_x), "test_samples": len(test_x), "seed": seed,
-                    "data": data["source"]},
+                    "data": data["source"], "permutation": permutation, "first_task": first_task},
     )
 
 
 @register_stream("permuted-mnist")
 def permuted_mnist(tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.0, readout: str = "classification",
                    scenario: str = "domain", train_samples: int | None = None, test_samples: int | None = None,
-                   root: str | None = None, seed: int = 0) -> Stream:
+                   root: str | None = None, seed: int = 0,
+                   permutation: str = "cycle", first_task: str = "raw") -> Stream:
     """Permuted MNIST with input (rho_a) and readout (rho_b) similarity; classic = rho_a 0, rho_b 1."""
-    return permuted("mnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed)
+    return permuted("mnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed,
+                    permutation, first_task)
 
 
 @register_stream("permuted-fashion-mnist")
 def permuted_fashion_mnist(tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.0, readout: str = "classification",
                            scenario: str = "domain", train_samples: int | None = None,
-                           test_samples: int | None = None, root: str | None = None, seed: int = 0) -> Stream:
+                           test_samples: int | None = None, root: str | None = None, seed: int = 0,
+                           permutation: str = "cycle", first_task: str = "raw") -> Stream:
     """Permuted Fashion-MNIST with input (rho_a) and readout (rho_b) similarity."""
-    return permuted("fashion-mnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed)
+    return permuted("fashion-mnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed,
+                    permutation, first_task)
 
 
 @register_stream("permuted-kmnist")
 def permuted_kmnist(tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.0, readout: str = "classification",
                     scenario: str = "domain", train_samples: int | None = None, test_samples: int | None = None,
-                    root: str | None = None, seed: int = 0) -> Stream:
+                    root: str | None = None, seed: int = 0,
+                    permutation: str = "cycle", first_task: str = "raw") -> Stream:
     """Permuted KMNIST with input (rho_a) and readout (rho_b) similarity."""
-    return permuted("kmnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed)
+    return permuted("kmnist", tasks, rho_a, rho_b, readout, scenario, train_samples, test_samples, root, seed,
+                    permutation, first_task)

@@ -90,3 +90,31 @@ def test_gating_hidden_units_of_an_mlp(tmp_path, monkeypatch, name):
     r = run(stream, make_strategy(name, alpha=0.5, layers="hidden", epochs=2), device="cpu", progress=False,
             model_args={"widths": (64, 64)})
     assert min(r.R[1][0], r.R[2][1]) > 0.3  # chance is 0.1
+
+
+def test_adaptive_gating_paper_rule_reuses_most_of_the_old_gate_at_high_similarity():
+    """Hiratani's lst_acg.py rule: rho_g = clip(err(W=0) - err(old gate), 0, 1), close to the transfer (~0.9 here)."""
+    runs = {}
+    for sim in (0.95, 0.0):
+        strategy = make_strategy("adaptive-gating", alpha=0.5, sampling="bernoulli", rescale=False)
+        r = run(make_stream("teacher-student", rho_a=sim, rho_b=sim, seed=3), strategy, device="cpu", seed=3,
+                progress=False)
+        g1, g2 = strategy.gates[0][0], strategy.gates[1][0]
+        runs[sim] = (r.extra["gate_reuse_probability"]["1"], float((g1 == g2).float().mean()), g1)
+    reuse, same, g1 = runs[0.95]
+    assert reuse > 0.75 and r.extra["rule"] == "paper"
+    assert same > 0.85  # units kept (reuse) or re-drawn equal by chance ((1 - reuse) * 0.5)
+    assert 0.4 < float(g1.mean()) < 0.6 and set(g1.unique().tolist()) == {0.0, 1.0}  # Bernoulli(0.5), no rescaling
+    assert runs[0.0][0] == 0.0 and 0.35 < runs[0.0][1] < 0.65  # unrelated tasks: an independent gate
+
+
+def test_adaptive_gating_rules_and_bad_input():
+    stream = lambda: make_stream("teacher-student", rho_a=1.0, rho_b=1.0, input_dim=600, seed=1)  # noqa: E731
+    reuse = {rule: run(stream(), make_strategy("adaptive-gating", alpha=0.5, rule=rule), device="cpu",
+                       progress=False).extra["gate_reuse_probability"]["1"] for rule in ("paper", "normalised", "fresh")}
+    assert reuse["normalised"] > 0.9 and reuse["paper"] > 0.8  # the same task again: the old gate is best
+    assert reuse["fresh"] < reuse["paper"]  # a fresh gate with trained weights already helps: less reuse
+    with pytest.raises(ClbenchError, match="rule must be one of paper"):
+        make_strategy("adaptive-gating", rule="nope")
+    with pytest.raises(ClbenchError, match="sampling must be"):
+        make_strategy("activity-gating", sampling="poisson")
