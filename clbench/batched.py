@@ -119,6 +119,8 @@ def _model_ok(model: nn.Module) -> str | None:
 class Adapter:
     """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
 
+    order_matters = False  # True when the hot loop depends on the order of samples in a batch (replay)
+
     def __init__(self, group: "_Group") -> None:
         self.g = group
 
@@ -132,6 +134,10 @@ class Adapter:
 
     def before_after_task(self) -> None:
         """Write batched state back to the members before their after_task hooks run."""
+
+    def after_task(self, i: int) -> bool:
+        """Do every member's after_task for task index i in batched form; False: run the members' own."""
+        return False
 
     def gates(self, j: int) -> list[torch.Tensor | None] | None:
         return None
@@ -154,6 +160,17 @@ class Adapter:
 
 def _numbers(members: list[Member], attr: str, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(getattr(m.strategy, attr)) for m in members], device=device)
+
+
+def _linear_true_fisher_inputs(g: "_Group", i: int) -> torch.Tensor | None:
+    """The first fisher_samples inputs of task i, (B, n, in), when every member's model is one bias-free
+    Linear layer, the loss MSE and the Fisher the true one (rows e_k (x) x_n); else None."""
+    s = [m.strategy for m in g.members]
+    if (g.loss_kind != "mse" or len(g.net.linears) != 1 or g.net.linears[0][1] is not None
+            or any(x.fisher_kind != "true" for x in s) or len({x.fisher_samples for x in s}) != 1):
+        return None
+    x, _ = g.full(i)
+    return x[:, : min(s[0].fisher_samples, x.shape[1])].flatten(2)
 
 
 class L2Adapter(Adapter):
@@ -184,6 +201,22 @@ class EWCDiagAdapter(L2Adapter):
         d = self.g.net.flat() - self.anchor
         return 0.5 * self.strength * (self.importance * d * d).sum(1)
 
+    def after_task(self, i: int) -> bool:
+        """Diagonal true Fisher of one bias-free Linear layer under MSE for all members at once: entry
+        (k, j) is mean_n x_nj^2 for every output k. Any other case runs the members' own after_task."""
+        X = _linear_true_fisher_inputs(self.g, i)
+        if X is None:
+            return False
+        out = self.g.net.params[0].shape[1]
+        new = (X * X).mean(1)[:, None, :].expand(-1, out, -1).reshape(self.g.B, -1)
+        s = [m.strategy for m in self.g.members]
+        decay = _numbers(self.g.members, "decay", self.g.dev)
+        importance = new if s[0].importance is None else decay[:, None] * torch.stack([x.importance for x in s]) + new
+        anchor = self.g.net.flat().detach().clone()
+        for b, x in enumerate(s):
+            x.importance, x.anchor = importance[b], anchor[b]
+        return True
+
     def bytes_per_member(self, strategy, stream, params):
         return 3 * params * 4
 
@@ -209,7 +242,10 @@ class EWCFullAdapter(EWCDiagAdapter):
         return (strategy.fisher_kind, strategy.fisher_form, strategy.fisher_samples, strategy.max_entries)
 
     def refresh(self) -> None:
+        if getattr(self, "factor", None) is not None:
+            return  # state kept here (see after_task)
         L2Adapter.refresh(self)
+        self.factor = None
         s = [m.strategy for m in self.g.members]
         self.form = None if s[0].importance is None else s[0].importance[0]
         if self.form is None:
@@ -235,9 +271,37 @@ class EWCFullAdapter(EWCDiagAdapter):
             total += p[0].numel()
         self.offsets = offsets
 
+    def after_task(self, i: int) -> bool:
+        """Exact true Fisher of one bias-free Linear layer under MSE, for all members at once.
+
+        The Fisher rows are the output Jacobian rows e_k (x) x_n / sqrt(n), so with X the stacked inputs
+        ||M vec(dW)||^2 = ||X dW^T||_F^2: X is the exact Fisher in factored form (accumulated as the rows
+        are: older rows scaled by sqrt(decay)). Any other case runs the members' own after_task."""
+        X = _linear_true_fisher_inputs(self.g, i)
+        s = [m.strategy for m in self.g.members]
+        if X is None or any(x.fisher_form == "kfac" for x in s):
+            return False
+        P, K = self.g.net.params[0][0].numel(), X.shape[1] * self.g.net.params[0].shape[1]
+        if any(x.fisher_form == "auto" and min(K, P) * P > x.max_entries for x in s):
+            return False  # the engine would use K-FAC
+        if getattr(self, "factor", None) is None and s[0].importance is not None:
+            return False  # the members already hold another form
+        decay = _numbers(self.g.members, "decay", self.g.dev)
+        X = X / X.shape[1] ** 0.5
+        self.factor = X if getattr(self, "factor", None) is None else torch.cat(
+            [decay.sqrt()[:, None, None] * self.factor, X], 1)
+        self.anchor = self.g.net.flat().detach().clone()
+        self.strength = _numbers(self.g.members, "strength", self.g.dev)
+        for b, x in enumerate(s):
+            x.anchor, x.form_used, x.importance = self.anchor[b], "exact", ("rows (batched, factored)", None)
+        return True
+
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
+        if self.factor is not None:
+            dW = self.g.net.params[0] - self.anchor.view_as(self.g.net.params[0])
+            return 0.5 * self.strength * torch.bmm(self.factor, dW.transpose(1, 2)).pow(2).flatten(1).sum(1)
         if self.form == "rows":
             d = self.g.net.flat() - self.anchor
             return 0.5 * self.strength * torch.bmm(self.importance, d[:, :, None]).pow(2).flatten(1).sum(1)
@@ -322,6 +386,8 @@ class PlasticityGatingAdapter(Adapter):
 
 class ReplayAdapter(Adapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
+
+    order_matters = True
 
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
@@ -442,6 +508,15 @@ class _Group:
         heads = [self.tasks[b][j].head for b in range(self.B)]
         out["head"] = None if heads[0] is None else torch.stack(heads)
         return out
+
+    def full(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's whole training set of task j, (B, n, ...) (cached)."""
+        d = self.data[j]
+        if "full" not in d:
+            same = len(d["which"]) == len(d["train_x"]) and bool((d["which"] == torch.arange(
+                self.B, device=self.dev)).all())
+            d["full"] = (d["train_x"], d["train_y"]) if same else (d["train_x"][d["which"]], d["train_y"][d["which"]])
+        return d["full"]
 
     @contextlib.contextmanager
     def rng(self, b: int) -> Iterator[None]:
@@ -606,9 +681,14 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 loss = torch.zeros(B, device=dev)
                 for t in train_on:
                     d, order = g.data[t], orders[t]
-                    idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
-                    x = d["train_x"][d["which"][:, None], idx]
-                    y = d["train_y"][d["which"][:, None], idx]
+                    if bs >= order.shape[1] and not adapter.order_matters:
+                        # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
+                        # order, so skip the gather (sums differ from the engine's in rounding only)
+                        x, y = g.full(t)
+                    else:
+                        idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
+                        x = d["train_x"][d["which"][:, None], idx]
+                        y = d["train_y"][d["which"][:, None], idx]
                     loss = loss + g.per_sample_loss(g.predict(x, t, gates[t]), y).mean(1)
                     penalty = adapter.penalty()
                     if penalty is not None:
@@ -630,13 +710,14 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                         f"(lr={settings['lr']}); lower the learning rate with --strategy-arg lr=...",
                         result(b, complete=False))
         adapter.before_after_task()
-        for b in range(B):
-            if b in failed:
-                continue
-            try:
-                g.hook(b, "after_task", g.tasks[b][i])
-            except ClbenchError as e:
-                failed[b] = e
+        if not adapter.after_task(i):
+            for b in range(B):
+                if b in failed:
+                    continue
+                try:
+                    g.hook(b, "after_task", g.tasks[b][i])
+                except ClbenchError as e:
+                    failed[b] = e
         adapter.refresh()
         raw[:, i + 1] = g.evaluate()
     if hasattr(adapter, "finish"):

@@ -50,7 +50,11 @@ def test_l2_and_ewc_diag_with_different_strengths():
 
 
 def test_ewc_full_exact_and_kfac():
+    # linear student: the factored exact Fisher computed in batch; MLP: each member's own Fisher, stacked
     check("ewc-full", [{"strength": s} for s in (0.1, 1.0, 10.0)], tasks=3)
+    mlp = dict(model_name="mlp", model_args={"widths": (8,)}, stream_kw={"mode": "sampled", "samples": 100}, epochs=3)
+    check("ewc-full", [{"strength": s, "fisher_samples": 20} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
+    check("ewc-diag", [{"strength": s} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
     check("ewc-full", [{"strength": s, "fisher_form": "kfac"} for s in (0.1, 1.0, 10.0)],
           model_name="mlp", model_args={"widths": (16,)}, stream_kw={"mode": "sampled", "samples": 200}, epochs=3)
 
