@@ -153,6 +153,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--store", required=True, help="results folder (one JSON per run)")
     p.add_argument("--jobs", type=int, default=1, help="parallel local processes (executor 'processes')")
     p.add_argument("--device", default=None, help="device for every run (default: the file's, else cpu)")
+    p.add_argument("--batch", default="auto", metavar="auto|N|off",
+                   help="train compatible cells (same stream shapes, strategy, settings; other seeds, numeric "
+                        "arguments) together as one batched model: auto (default), at most N a batch, or off; "
+                        "same records either way (executor 'processes')")
     p.add_argument("--executor", choices=("processes", "ray"), default="processes",
                    help="'processes': this machine (default); 'ray': one Ray task per cell "
                         "(pip install 'clbench[ray]')")
@@ -191,7 +195,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            "as its CPUs and GPUs allow (see --cpus-per-run, --gpus-per-run)")
     ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet,
                                    executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
-                                   gpus_per_run=args.gpus_per_run)
+                                   gpus_per_run=args.gpus_per_run, batch=args.batch)
     print(f"sweep: {len(cells)} cells, ran {ran}, skipped {skipped} already in {args.store}")
     return 0
 

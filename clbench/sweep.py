@@ -182,21 +182,26 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
 
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
               progress: bool = True, executor: str = "processes", address: str | None = None,
-              cpus_per_run: float = 1.0, gpus_per_run: float | None = None) -> tuple[int, int]:
+              cpus_per_run: float = 1.0, gpus_per_run: float | None = None, batch: str | int = "auto"
+              ) -> tuple[int, int]:
     """Run the cells missing from ``store`` and store each record as it finishes; returns (ran, skipped).
 
     ``executor``: ``"processes"`` (this machine; ``jobs`` processes, in this process when ``jobs`` is 1) or
     ``"ray"`` (one Ray task per cell on the cluster at ``address``, or on a local Ray instance without one,
     each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs; the default is one GPU for CUDA runs).
+    ``batch`` (processes only): ``"auto"`` trains compatible cells together as one batched model
+    (clbench.batched), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the same.
     """
     from tqdm.auto import tqdm
 
+    from clbench.batched import parse_batch, sweep_outcomes
     from clbench.registry import check_arguments, lookup
 
     if executor not in ("processes", "ray"):
         raise ClbenchError(f"unknown executor {executor!r}; use 'processes' (this machine) or 'ray'")
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
+    batch = parse_batch(batch)
     for cell in cells:  # fail fast on bad names and arguments, before any run
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
         check_arguments("strategy", cell["strategy"], lookup("strategy", cell["strategy"]), cell["strategy_args"])
@@ -209,6 +214,8 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         return 0, skipped
     if executor == "ray":
         outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run)
+    elif batch != "off":
+        outcomes = sweep_outcomes(todo, device, commit, jobs, batch)
     elif jobs > 1:
         outcomes = _processes(todo, device, commit, jobs)
     else:

@@ -80,3 +80,31 @@ def test_unsupported_strategies_say_so():
     assert "no batched form" in batchable(stream, make_strategy("lwf"))
     with pytest.raises(ClbenchError, match="cannot run batched"):
         run_batched([Member(stream, make_strategy("lwf"), 0)], device="cpu")
+
+
+def test_sweep_batches_cells_into_the_same_records_and_resumes(tmp_path):
+    from clbench import sweep
+    from clbench.batched import plan
+    from clbench.store import Store
+
+    spec = sweep.inline_spec(["teacher-student"], {"input_dim": 100, "latent_dim": 8, "rho_a": (0.0, 0.5, 1.0)},
+                             ["l2", "activity-gating"], {"epochs": 10}, [0, 1])
+    spec["strategy"][1]["args"]["alpha"] = [0.3, 0.6]
+    cells = sweep.expand(spec)
+    batches = plan(cells, "auto", jobs=2)
+    assert sorted(len(b) for b in batches) == [3, 3, 6, 6]  # per strategy, split for two workers
+    assert all(len({c["strategy"] for c in b}) == 1 for b in batches)
+    off, auto = Store(tmp_path / "off"), Store(tmp_path / "auto")
+    sweep.run_sweep(cells, off, progress=False, batch="off")
+    sweep.run_sweep(cells[:4], auto, progress=False, batch=2)  # a first part, then resume
+    assert sweep.run_sweep(cells, auto, progress=False, batch="auto") == (len(cells) - 4, 4)
+    want = {r["id"]: r for r in off.records()}
+    got = {r["id"]: r for r in auto.records()}
+    assert want.keys() == got.keys() and len(got) == len(cells)
+    for key, record in got.items():
+        assert set(record) == set(want[key])
+        assert record["cell"] == want[key]["cell"] and record["config"] == want[key]["config"]
+        np.testing.assert_allclose(record["R"], want[key]["R"], atol=1e-4)
+    assert {r["extra"].get("batched_members") for r in got.values()} == {2, 12}  # batch=2, then the rest
+    with pytest.raises(ClbenchError, match="--batch takes auto, off or a positive integer"):
+        sweep.run_sweep(cells, auto, progress=False, batch="0")
