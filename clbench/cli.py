@@ -342,14 +342,18 @@ def _demo(args: argparse.Namespace) -> int:
               f"{list(DEMO_GRID)}^2, {len(DEMO_STRATEGIES)} strategies, seeds {seeds} (exact expected-loss training)")
     bar = tqdm(total=len(cells) * len(DEMO_STRATEGIES) * len(seeds), disable=True if args.quiet else None,
                unit="run", delay=1)
-    for label, name, strategy_args in DEMO_STRATEGIES:
-        for (rho_a, rho_b), seed in itertools.product(cells, seeds):
-            stream = clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed)
-            result = clbench.run(stream, clbench.make_strategy(name, **strategy_args), device=args.device,
-                                 seed=seed, progress=False)
+    from clbench.batched import Member, run_batched
+
+    for label, name, strategy_args in DEMO_STRATEGIES:  # each strategy's grid x seeds as one batched model
+        grid = list(itertools.product(cells, seeds))
+        members = [Member(clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed),
+                          clbench.make_strategy(name, **strategy_args), seed) for (rho_a, rho_b), seed in grid]
+        for ((rho_a, rho_b), seed), result in zip(grid, run_batched(members, device=args.device)):
+            if isinstance(result, Exception):
+                raise result
             rows.append({"strategy": label, "rho_a": rho_a, "rho_b": rho_b, "seed": seed, **result.metrics,
                          "wall_time_s": result.wall_time_s})
-            bar.update(1)
+        bar.update(len(grid))
     bar.close()
     table = pd.DataFrame(rows)
     summary = table.groupby("strategy", sort=False)[["transfer", "retention", "acc"]].mean()
