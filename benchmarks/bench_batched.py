@@ -96,7 +96,6 @@ def ts_sweep(seeds: int, jobs: int) -> None:
 def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, widths: tuple[int, ...]) -> float:
     """One cell in Avalanche: its PermutedMNIST generator on the Fashion-MNIST files, its EWC strategy."""
     from avalanche.benchmarks.classic import PermutedMNIST
-    from avalanche.benchmarks.utils import AvalancheDataset  # noqa: F401  (import cost outside the timing)
     from avalanche.training import EWC
 
     from clbench.data import locate
