@@ -163,6 +163,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--store", required=True, help="results folder (one JSON per run)")
     p.add_argument("--jobs", type=int, default=1, help="parallel local processes (executor 'processes')")
     p.add_argument("--device", default=None, help="device for every run (default: the file's, else cpu)")
+    p.add_argument("--batch", default="auto", metavar="auto|N|off",
+                   help="train compatible cells (same stream shapes, strategy, settings; other seeds, numeric "
+                        "arguments) together as one batched model: auto (default), at most N a batch, or off; "
+                        "same records either way (executor 'processes')")
     p.add_argument("--executor", choices=("processes", "ray"), default="processes",
                    help="'processes': this machine (default); 'ray': one Ray task per cell "
                         "(pip install 'clbench[ray]')")
@@ -204,7 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            "as its CPUs and GPUs allow (see --cpus-per-run, --gpus-per-run)")
     ran, skipped = sweep.run_sweep(cells, store, device=device, jobs=args.jobs, progress=not args.quiet,
                                    executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
-                                   gpus_per_run=args.gpus_per_run, threads=args.threads)
+                                   gpus_per_run=args.gpus_per_run, threads=args.threads, batch=args.batch)
     print(f"sweep: {len(cells)} cells, ran {ran}, skipped {skipped} already in {args.store}")
     return 0
 
@@ -401,14 +405,18 @@ def _demo(args: argparse.Namespace) -> int:
               f"{list(DEMO_GRID)}^2, {len(DEMO_STRATEGIES)} strategies, seeds {seeds} (exact expected-loss training)")
     bar = tqdm(total=len(cells) * len(DEMO_STRATEGIES) * len(seeds), disable=True if args.quiet else None,
                unit="run", delay=1)
-    for label, name, strategy_args in DEMO_STRATEGIES:
-        for (rho_a, rho_b), seed in itertools.product(cells, seeds):
-            stream = clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed)
-            result = clbench.run(stream, clbench.make_strategy(name, **strategy_args), device=args.device,
-                                 seed=seed, progress=False)
+    from clbench.batched import Member, run_batched
+
+    for label, name, strategy_args in DEMO_STRATEGIES:  # each strategy's grid x seeds as one batched model
+        grid = list(itertools.product(cells, seeds))
+        members = [Member(clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed),
+                          clbench.make_strategy(name, **strategy_args), seed) for (rho_a, rho_b), seed in grid]
+        for ((rho_a, rho_b), seed), result in zip(grid, run_batched(members, device=args.device)):
+            if isinstance(result, Exception):
+                raise result
             rows.append({"strategy": label, "rho_a": rho_a, "rho_b": rho_b, "seed": seed, **result.metrics,
                          "wall_time_s": result.wall_time_s})
-            bar.update(1)
+        bar.update(len(grid))
     bar.close()
     table = pd.DataFrame(rows)
     summary = table.groupby("strategy", sort=False)[["transfer", "retention", "acc"]].mean()

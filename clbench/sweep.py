@@ -293,7 +293,7 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
               progress: bool = True, executor: str = "processes", address: str | None = None,
               cpus_per_run: float = 1.0, gpus_per_run: float | None = None,
-              threads: int | None = None) -> tuple[int, int]:
+              threads: int | None = None, batch: str | int = "auto") -> tuple[int, int]:
     """Run the cells missing from ``store`` and store each record as it finishes; returns (ran, skipped).
 
     ``executor``: ``"processes"`` (this machine; ``jobs`` processes, in this process when ``jobs`` is 1) or
@@ -301,9 +301,12 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs; the default is one GPU for CUDA runs).
     ``threads``: torch threads per run (default: this process's for one job, cores / jobs for several,
     ``cpus_per_run`` on Ray). Same seed and same thread count give the same R bit for bit on CPU.
+    ``batch`` (processes only): ``"auto"`` trains compatible cells together as one batched model
+    (clbench.batched), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the same.
     """
     from tqdm.auto import tqdm
 
+    from clbench.batched import parse_batch, sweep_outcomes
     from clbench.registry import check_arguments, lookup
 
     if executor not in ("processes", "ray"):
@@ -312,6 +315,7 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
     if threads is not None and threads < 1:
         raise ClbenchError(f"--threads must be at least 1, got {threads}")
+    batch = parse_batch(batch)
     for cell in cells:  # fail fast on bad names and arguments, before any run
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
         check_arguments("strategy", cell["strategy"], lookup("strategy", cell["strategy"]), cell["strategy_args"])
@@ -328,6 +332,8 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         return 0, skipped
     if executor == "ray":
         outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads)
+    elif batch != "off":
+        outcomes = sweep_outcomes(todo, device, commit, jobs, batch, threads)
     elif jobs > 1:
         outcomes = _processes(todo, device, commit, jobs, threads)
     else:

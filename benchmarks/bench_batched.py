@@ -1,0 +1,189 @@
+"""Batched runs vs one run after another, side by side in one process, with the same numbers.
+
+Parts (``--parts``, default all):
+
+- ``demo``: the ``clbench run`` demo grid (teacher-student, 3 x 3 (rho_a, rho_b) x 3 seeds, six strategies,
+  exact expected-loss training): every run through ``clbench.run`` (what the demo did before batching) vs
+  each strategy's 27 runs as one batched model (what it does now); largest |R difference|.
+- ``ts``: the committed teacher-student leaderboard sweep (sweeps/teacher_student.toml) through
+  ``clbench sweep`` machinery: ``--jobs 2 --batch off`` (sequential cells in two processes) vs
+  ``--jobs 2 --batch auto``; ``--ts-seeds`` keeps the first seeds only (the file has 3).
+- ``fmnist``: a permuted Fashion-MNIST strength sweep (ewc-diag, MLP 784-100-10): cells one after another vs
+  batched, one cell in Avalanche (its own PermutedMNIST generator and EWC strategy), and the matmul ceiling as
+  benchmarks/bench_vectorized.py computes it (training and evaluation matmuls at this machine's measured
+  fp32 matmul rate; the Fisher and the penalty are extra work it does not count).
+
+    python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import clbench
+from clbench.batched import Member, run_batched
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vectorized import matmul_flops, matmul_throughput  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def line(name: str, t_seq: float, t_batched: float, runs: int, gap: float, seq_label: str = "one after another"
+         ) -> None:
+    print(f"  {name:<28} {seq_label} {t_seq:8.1f} s | batched {t_batched:7.1f} s | {t_seq / t_batched:5.1f}x | "
+          f"{runs} runs | largest |R difference| {gap:.2g}", flush=True)
+
+
+def demo() -> tuple[float, float]:
+    from clbench.cli import DEMO_GRID, DEMO_SEEDS, DEMO_STRATEGIES
+
+    grid = [((a, b), s) for a in DEMO_GRID for b in DEMO_GRID for s in range(DEMO_SEEDS)]
+    total_seq = total_batched = 0.0
+    print(f"demo grid: teacher-student exact mode, {len(grid)} runs per strategy")
+    for label, name, args in DEMO_STRATEGIES:
+        streams = [clbench.make_stream("teacher-student", rho_a=a, rho_b=b, seed=s) for (a, b), s in grid]
+        start = time.perf_counter()
+        seq = [clbench.run(st, clbench.make_strategy(name, **args), device="cpu", seed=s, progress=False)
+               for st, (_, s) in zip(streams, grid)]
+        t_seq = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = run_batched([Member(st, clbench.make_strategy(name, **args), s) for st, (_, s) in zip(streams, grid)],
+                              device="cpu")
+        t_batched = time.perf_counter() - start
+        gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
+        line(label, t_seq, t_batched, len(grid), gap)
+        total_seq, total_batched = total_seq + t_seq, total_batched + t_batched
+    line("demo total", total_seq, total_batched, len(grid) * len(DEMO_STRATEGIES), float("nan"))
+    return total_seq, total_batched
+
+
+def ts_sweep(seeds: int, jobs: int) -> None:
+    from clbench import sweep
+    from clbench.store import Store
+
+    spec = sweep.load_spec(ROOT / "sweeps" / "teacher_student.toml")
+    spec["seeds"] = spec["seeds"][:seeds]
+    cells = sweep.expand(spec)
+    print(f"teacher-student leaderboard sweep (sweeps/teacher_student.toml, seeds {spec['seeds']}): {len(cells)} cells, "
+          f"--jobs {jobs}")
+    with tempfile.TemporaryDirectory() as tmp:
+        off, auto = Store(Path(tmp) / "off"), Store(Path(tmp) / "auto")
+        start = time.perf_counter()
+        sweep.run_sweep(cells, off, jobs=jobs, progress=False, batch="off")
+        t_off = time.perf_counter() - start
+        start = time.perf_counter()
+        sweep.run_sweep(cells, auto, jobs=jobs, progress=False, batch="auto")
+        t_auto = time.perf_counter() - start
+        want = {r["id"]: r for r in off.records()}
+        gaps = {}
+        for r in auto.records():
+            gap = float(np.nanmax(np.abs(np.array(r["R"], float) - np.array(want[r["id"]]["R"], float))))
+            gaps[r["cell"]["strategy"]] = max(gaps.get(r["cell"]["strategy"], 0.0), gap)
+    line("leaderboard sweep", t_off, t_auto, len(cells), max(gaps.values()), "cells --batch off")
+    print("  largest |R difference| per strategy: " + ", ".join(f"{k} {v:.1g}" for k, v in gaps.items()))
+
+
+def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, widths: tuple[int, ...]) -> float:
+    """One cell in Avalanche: its PermutedMNIST generator on the Fashion-MNIST files, its EWC strategy."""
+    from avalanche.benchmarks.classic import PermutedMNIST
+    from avalanche.training import EWC
+
+    from clbench.data import locate
+
+    folder, files = locate("fashion-mnist")
+    root = Path(tempfile.mkdtemp())
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for paths in files.values():
+        src = paths[0]
+        with (gzip.open(src) if src.suffix == ".gz" else open(src, "rb")) as f, \
+                open(raw / src.name.removesuffix(".gz"), "wb") as g:
+            shutil.copyfileobj(f, g)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    benchmark = PermutedMNIST(tasks, seed=0, dataset_root=root)
+    model = clbench.build_model("mlp", (1, 28, 28), 10, widths=widths)
+    strategy = EWC(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=torch.nn.CrossEntropyLoss(),
+                   ewc_lambda=strength, train_mb_size=128, train_epochs=1, eval_mb_size=1024, device="cpu",
+                   evaluator=None)
+    for experience in benchmark.train_stream:
+        # the same number of training images per task as the clbench cells
+        experience.dataset = experience.dataset.subset(range(train_samples))
+        strategy.train(experience)
+        strategy.eval(benchmark.test_stream)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(root)
+    return elapsed
+
+
+def fmnist(strengths: list[float], seeds: int, tasks: int, train_samples: int, with_avalanche: bool) -> None:
+    widths = (100,)
+    print(f"permuted Fashion-MNIST strength sweep: ewc-diag strength {strengths} x seeds {list(range(seeds))}, "
+          f"{tasks} tasks, {train_samples} training images, 1 epoch, MLP 784-100-10, SGD, batch 128")
+    streams = {s: clbench.make_stream("permuted-fashion-mnist", tasks=tasks, train_samples=train_samples, seed=s)
+               for s in range(seeds)}
+    cells = [(st, s) for s in range(seeds) for st in strengths]
+    make = lambda st: clbench.make_strategy("ewc-diag", strength=st, epochs=1)  # noqa: E731
+    start = time.perf_counter()
+    seq = [clbench.run(streams[s], make(st), device="cpu", seed=s, progress=False, model_args={"widths": widths})
+           for st, s in cells]
+    t_seq = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = run_batched([Member(streams[s], make(st), s) for st, s in cells], device="cpu",
+                          model_args={"widths": widths})
+    t_batched = time.perf_counter() - start
+    gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
+    line("strength sweep", t_seq, t_batched, len(cells), gap)
+    task = streams[0].tasks[0]
+    flops = matmul_flops([784, *widths, 10], len(task.train_x), len(task.test_x), tasks, 1)
+    rate = matmul_throughput(784, sum(widths) * 4)
+    floor = len(cells) * flops / rate
+    print(f"  matmul ceiling: {floor:.1f} s for the {len(cells)} runs ({flops / 1e9:.1f} GFLOP of matmuls a run at "
+          f"{rate / 1e9:.0f} GFLOP/s); batched is {t_batched / floor:.1f}x the ceiling, one after another "
+          f"{t_seq / floor:.1f}x")
+    if with_avalanche:
+        lr = seq[0].config["lr"]
+        t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths)
+        print(f"  avalanche, one cell (EWC strength {strengths[0]}): {t_av:.1f} s; clbench one cell "
+              f"{t_seq / len(cells):.1f} s, batched {t_batched / len(cells):.2f} s a cell "
+              f"({t_av / (t_batched / len(cells)):.0f}x)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="demo,ts,fmnist")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--ts-seeds", type=int, default=3)
+    parser.add_argument("--ts-jobs", type=int, default=2)
+    parser.add_argument("--strengths", default="1,10,100,1000")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--train-samples", type=int, default=10000)
+    parser.add_argument("--no-avalanche", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
+    if "demo" in parts:
+        demo()
+    if "ts" in parts:
+        ts_sweep(args.ts_seeds, args.ts_jobs)
+    if "fmnist" in parts:
+        fmnist([float(s) for s in args.strengths.split(",")], args.seeds, args.tasks, args.train_samples,
+               not args.no_avalanche)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,862 @@
+"""Batched runs: many small runs trained in lockstep as one stacked model.
+
+``run_batched(members)`` trains B members (each a stream, a strategy and a
+seed) at once. The members' models (``linear`` or ``mlp``: Flatten, Linear and
+elementwise activations) are stacked into (B, out, in) weights and every step
+is one batched matmul per layer for all members; each member keeps its own
+data (e.g. one cell of a (rho_a, rho_b) grid), its own batch order (the
+engine's, from its seed), its own numeric strategy arguments (EWC strength,
+gating alpha ...) and its own global RNG stream. Members do not interact: each
+gets the gradient of its own loss, so every member's R equals the engine's
+separate run up to float rounding.
+
+Only the hot loop is batched. Each strategy's once-a-task hooks (``before_task``,
+``after_task``: Fisher, anchors, gates, probes) run the ordinary way on the
+member's own strategy object, whose model is loaded with the member's weights
+first; a small per-strategy adapter (``ADAPTERS``) then stacks what the hot loop
+needs (anchors, importances, gates, masks) and implements the penalty, gating,
+gradient masks, path integrals or replay in batched form. A strategy without an
+adapter (l2p, iru, lwf, user strategies) or a model of another kind is not
+batchable: :func:`batchable` says why, and callers run it with ``clbench.run``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench import metrics
+from clbench.engine import Result, TrainingDiverged, _peak_memory_mb, _scores, make_optimizer, resolve_device, versions
+from clbench.errors import ClbenchError
+from clbench.models import ACTIVATIONS, build_model, count_parameters
+from clbench.strategy import Strategy
+from clbench.types import Stream
+
+ELEMENTWISE = tuple(ACTIVATIONS.values())
+DEFAULT_MEMORY_MB = 2048
+
+
+@dataclass
+class Member:
+    """One run of a batch: what ``clbench.run(stream, strategy, seed=seed, config=config)`` would take."""
+
+    stream: Stream
+    strategy: Strategy
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# --- stacked model --------------------------------------------------------------------------------------------
+
+class _Net:
+    """B copies of a Sequential of Flatten / Linear / elementwise activations as stacked (B, ...) leaf tensors."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.ops: list[tuple[str, Any]] = []
+        self.linears: list[tuple[int, int | None]] = []  # (weight, bias) positions in self.params
+        position = 0
+        for module in models[0]:
+            if isinstance(module, nn.Flatten):
+                self.ops.append(("flatten", None))
+            elif isinstance(module, nn.Linear):
+                bias = None if module.bias is None else position + 1
+                self.linears.append((position, bias))
+                self.ops.append(("linear", len(self.linears) - 1))
+                position += 1 if bias is None else 2
+            else:
+                self.ops.append(("act", module))
+        self.params = [torch.stack([p.detach() for p in group]).requires_grad_(True)
+                       for group in zip(*(m.parameters() for m in models))]
+
+    def forward(self, x: torch.Tensor, gates: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """x (B, N, *input) -> (B, N, outputs); ``gates[k]`` (B, in) multiplies the input of Linear k."""
+        for op, arg in self.ops:
+            if op == "flatten":
+                x = x.flatten(2)
+            elif op == "linear":
+                if gates is not None and gates[arg] is not None:
+                    x = x * gates[arg][:, None, :]
+                w, b = self.linears[arg]
+                x = torch.bmm(x, self.params[w].transpose(1, 2))
+                if b is not None:
+                    x = x + self.params[b][:, None, :]
+            else:
+                x = arg(x)
+        return x
+
+    def flat(self) -> torch.Tensor:
+        """(B, P): every member's parameters in ``model.parameters()`` order (differentiable)."""
+        return torch.cat([p.reshape(len(p), -1) for p in self.params], 1)
+
+    @torch.no_grad()
+    def load(self, b: int, model: nn.Module) -> None:
+        for p, stacked in zip(model.parameters(), self.params):
+            p.copy_(stacked[b])
+
+
+def _model_ok(model: nn.Module) -> str | None:
+    if not isinstance(model, nn.Sequential) or any(True for _ in model.buffers()):
+        return "the model is not a plain Sequential without buffers"
+    for m in model:
+        if not isinstance(m, (nn.Flatten, nn.Linear, *ELEMENTWISE)):
+            return f"the model has a {type(m).__name__} layer (batched runs take Flatten, Linear and activations)"
+        if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
+            return "the model flattens other dimensions than all but the first"
+    return None
+
+
+# --- per-strategy adapters --------------------------------------------------------------------------------------
+
+class Adapter:
+    """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
+
+    order_matters = False  # True when the hot loop depends on the order of samples in a batch (replay)
+
+    def __init__(self, group: "_Group") -> None:
+        self.g = group
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        """Non-numeric settings that members of one batch must share."""
+        return ()
+
+    def refresh(self) -> None:
+        """Stack the members' state after their before_task / after_task hooks ran."""
+
+    def before_after_task(self) -> None:
+        """Write batched state back to the members before their after_task hooks run."""
+
+    def after_task(self, i: int) -> bool:
+        """Do every member's after_task for task index i in batched form; False: run the members' own."""
+        return False
+
+    def gates(self, j: int) -> list[torch.Tensor | None] | None:
+        return None
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_backward(self) -> None:
+        """Adjust gradients before the optimizer step (plasticity masks)."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (SI path integrals)."""
+
+    def bytes_per_member(self, strategy: Strategy, stream: Stream, params: int) -> int:
+        return 0
+
+
+def _numbers(members: list[Member], attr: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(getattr(m.strategy, attr)) for m in members], device=device)
+
+
+def _linear_true_fisher_inputs(g: "_Group", i: int) -> torch.Tensor | None:
+    """The first fisher_samples inputs of task i, (B, n, in), when every member's model is one bias-free
+    Linear layer, the loss MSE and the Fisher the true one (rows e_k (x) x_n); else None."""
+    s = [m.strategy for m in g.members]
+    if (g.loss_kind != "mse" or len(g.net.linears) != 1 or g.net.linears[0][1] is not None
+            or any(x.fisher_kind != "true" for x in s) or len({x.fisher_samples for x in s}) != 1):
+        return None
+    x, _ = g.full(i)
+    return x[:, : min(s[0].fisher_samples, x.shape[1])].flatten(2)
+
+
+class L2Adapter(Adapter):
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.anchor = None if s[0].anchor is None else torch.stack([x.anchor for x in s])
+        self.strength = _numbers(self.g.members, "strength", self.g.dev)
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        return 0.5 * self.strength * (self.g.net.flat() - self.anchor).pow(2).sum(1)
+
+
+class EWCDiagAdapter(L2Adapter):
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.fisher_kind,)
+
+    def refresh(self) -> None:
+        super().refresh()
+        s = [m.strategy for m in self.g.members]
+        self.importance = None if s[0].importance is None else torch.stack([x.importance for x in s])
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        d = self.g.net.flat() - self.anchor
+        return 0.5 * self.strength * (self.importance * d * d).sum(1)
+
+    def after_task(self, i: int) -> bool:
+        """Diagonal true Fisher of one bias-free Linear layer under MSE for all members at once: entry
+        (k, j) is mean_n x_nj^2 for every output k. Any other case runs the members' own after_task."""
+        X = _linear_true_fisher_inputs(self.g, i)
+        if X is None:
+            return False
+        out = self.g.net.params[0].shape[1]
+        new = (X * X).mean(1)[:, None, :].expand(-1, out, -1).reshape(self.g.B, -1)
+        s = [m.strategy for m in self.g.members]
+        decay = _numbers(self.g.members, "decay", self.g.dev)
+        importance = new if s[0].importance is None else decay[:, None] * torch.stack([x.importance for x in s]) + new
+        anchor = self.g.net.flat().detach().clone()
+        for b, x in enumerate(s):
+            x.importance, x.anchor = importance[b], anchor[b]
+        return True
+
+    def bytes_per_member(self, strategy, stream, params):
+        return 3 * params * 4
+
+
+class _BatchedKronecker(torch.autograd.Function):
+    """Per member b: tr(G_b dW_b A_b dW_b^T); the gradient 2 G dW A is the product the value needs."""
+
+    @staticmethod
+    def forward(ctx, dW, A, G):
+        GdWA = torch.bmm(torch.bmm(G, dW), A)
+        ctx.save_for_backward(GdWA)
+        return (dW * GdWA).flatten(1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (GdWA,) = ctx.saved_tensors
+        return 2 * grad[:, None, None] * GdWA, None, None
+
+
+class EWCFullAdapter(EWCDiagAdapter):
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.fisher_kind, strategy.fisher_form, strategy.fisher_samples, strategy.max_entries)
+
+    def refresh(self) -> None:
+        if getattr(self, "factor", None) is not None:
+            return  # state kept here (see after_task)
+        L2Adapter.refresh(self)
+        self.factor = None
+        s = [m.strategy for m in self.g.members]
+        self.form = None if s[0].importance is None else s[0].importance[0]
+        if self.form is None:
+            return
+        if any(x.importance[0] != self.form for x in s):
+            raise ClbenchError("batched ewc-full members ended with different Fisher forms; run them unbatched "
+                               "(--batch off) or set fisher_form explicitly")
+        if self.form in ("rows", "matrix"):
+            self.importance = torch.stack([x.importance[1] for x in s])
+            for b, x in enumerate(s):  # views, so the stacked copy is the only one
+                x.importance = (self.form, self.importance[b])
+            return
+        terms = [x.importance[1] for x in s]
+        linears = [m for m in s[0].model.modules() if isinstance(m, nn.Linear)]
+        self.kfac = []
+        for k in range(len(terms[0])):
+            layer = linears.index(terms[0][k][0])
+            self.kfac.append((layer, torch.stack([t[k][1] for t in terms]), torch.stack([t[k][2] for t in terms]),
+                              torch.tensor([float(t[k][3]) for t in terms], device=self.g.dev)))
+        offsets, total = [], 0
+        for p in self.g.net.params:
+            offsets.append(total)
+            total += p[0].numel()
+        self.offsets = offsets
+
+    def after_task(self, i: int) -> bool:
+        """Exact true Fisher of one bias-free Linear layer under MSE, for all members at once.
+
+        The Fisher rows are the output Jacobian rows e_k (x) x_n / sqrt(n), so with X the stacked inputs
+        ||M vec(dW)||^2 = ||X dW^T||_F^2: X is the exact Fisher in factored form (accumulated as the rows
+        are: older rows scaled by sqrt(decay)). Any other case runs the members' own after_task."""
+        X = _linear_true_fisher_inputs(self.g, i)
+        s = [m.strategy for m in self.g.members]
+        if X is None or any(x.fisher_form == "kfac" for x in s):
+            return False
+        P, K = self.g.net.params[0][0].numel(), X.shape[1] * self.g.net.params[0].shape[1]
+        if any(x.fisher_form == "auto" and min(K, P) * P > x.max_entries for x in s):
+            return False  # the engine would use K-FAC
+        if getattr(self, "factor", None) is None and s[0].importance is not None:
+            return False  # the members already hold another form
+        decay = _numbers(self.g.members, "decay", self.g.dev)
+        X = X / X.shape[1] ** 0.5
+        self.factor = X if getattr(self, "factor", None) is None else torch.cat(
+            [decay.sqrt()[:, None, None] * self.factor, X], 1)
+        self.anchor = self.g.net.flat().detach().clone()
+        self.strength = _numbers(self.g.members, "strength", self.g.dev)
+        for b, x in enumerate(s):
+            x.anchor, x.form_used, x.importance = self.anchor[b], "exact", ("rows (batched, factored)", None)
+        return True
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        if self.factor is not None:
+            dW = self.g.net.params[0] - self.anchor.view_as(self.g.net.params[0])
+            return 0.5 * self.strength * torch.bmm(self.factor, dW.transpose(1, 2)).pow(2).flatten(1).sum(1)
+        if self.form == "rows":
+            d = self.g.net.flat() - self.anchor
+            return 0.5 * self.strength * torch.bmm(self.importance, d[:, :, None]).pow(2).flatten(1).sum(1)
+        if self.form == "matrix":
+            d = self.g.net.flat() - self.anchor
+            return 0.5 * self.strength * (d * torch.bmm(self.importance, d[:, :, None])[:, :, 0]).sum(1)
+        total = 0.0
+        params = self.g.net.params
+        for layer, A, G, weight in self.kfac:
+            w, b = self.g.net.linears[layer]
+            shape = params[w].shape
+            dW = params[w] - self.anchor[:, self.offsets[w]:self.offsets[w] + shape[1] * shape[2]].view(shape)
+            if b is not None:
+                n = params[b].shape[1]
+                db = params[b] - self.anchor[:, self.offsets[b]:self.offsets[b] + n]
+                dW = torch.cat([dW, db[:, :, None]], 2)
+            total = total + weight * _BatchedKronecker.apply(dW, A, G)
+        return 0.5 * self.strength * total
+
+    def bytes_per_member(self, strategy, stream, params):
+        task = stream.tasks[0]
+        rows = min(strategy.fisher_samples, len(task.train_x)) * stream.num_outputs * len(stream.tasks)
+        return 3 * params * 4 + 2 * min(rows, params) * params * 4
+
+
+class SIAdapter(Adapter):
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.c = _numbers(self.g.members, "c", self.g.dev)
+        self.anchor = None if s[0].anchor is None else torch.stack([x.anchor for x in s])
+        self.omega = None if s[0].omega is None else torch.stack([x.omega for x in s])
+        if hasattr(s[0], "path"):  # set by before_task
+            self.previous = torch.stack([x.previous for x in s])
+            self.path = torch.stack([x.path for x in s])
+
+    def before_after_task(self) -> None:
+        for b, m in enumerate(self.g.members):
+            m.strategy.path, m.strategy.previous = self.path[b].clone(), self.previous[b].clone()
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        d = self.g.net.flat() - self.anchor
+        return self.c * (self.omega * d * d).sum(1)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        current = self.g.net.flat()
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(len(p), -1)
+                           for p in self.g.net.params], 1)
+        self.path -= grads * (current - self.previous)
+        self.previous = current
+
+    def bytes_per_member(self, strategy, stream, params):
+        return 6 * params * 4
+
+
+class ActivityGatingAdapter(Adapter):
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.layers,)
+
+    def gates(self, j: int) -> list[torch.Tensor | None]:
+        members = self.g.members
+        per_member = [m.strategy.gate(self.g.tasks[b][j]) for b, m in enumerate(members)]
+        stacked = [torch.stack(g) for g in zip(*per_member)]
+        linears = len(self.g.net.linears)
+        return ([None] * (linears - len(stacked))) + stacked  # layers="hidden" gates all but the first
+
+
+class PlasticityGatingAdapter(Adapter):
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.masks = [torch.stack(g) for g in zip(*(x.masks for x in s))] if s[0].masks else []
+
+    def after_backward(self) -> None:
+        for (w, _), mask in zip(self.g.net.linears, self.masks):
+            grad = self.g.net.params[w].grad
+            if grad is not None:
+                grad.mul_(mask[:, None, :])
+
+
+class ReplayAdapter(Adapter):
+    """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
+
+    order_matters = True
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.buffer_size, strategy.replay_batch_size)
+
+    def refresh(self) -> None:
+        if not hasattr(self, "x"):
+            self.x = self.y = self.task_ids = None
+            self.filled = self.seen = 0
+            self.size = self.g.members[0].strategy.buffer_size
+
+    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor) -> torch.Tensor:
+        g, B, dev = self.g, self.g.B, self.g.dev
+        picks = slots = None
+        n, k = x.shape[1], 0
+        if self.filled:
+            k = min(g.members[0].strategy.replay_batch_size or n, self.filled)
+        index = torch.arange(self.seen, self.seen + n, device=dev)
+        with torch.no_grad():
+            p_list, s_list = [], []
+            for b in range(B):
+                with g.rng(b):
+                    if k:
+                        p_list.append(torch.randint(0, self.filled, (k,), device=dev))
+                    s_list.append(torch.where(index < self.size, index,
+                                              (torch.rand(n, device=dev) * (index + 1)).long()))
+            slots = torch.stack(s_list)
+            picks = torch.stack(p_list) if k else None
+        if k:
+            rows = torch.arange(B, device=dev)[:, None]
+            bx, by, bt = self.x[rows, picks], self.y[rows, picks], self.task_ids[rows, picks]
+            for j in torch.unique(bt).tolist():
+                per_sample = g.per_sample_loss(g.predict(bx, j), by)
+                loss = loss + (per_sample * (bt == j)).sum(1) / k
+        self._add(x.detach(), y, t, slots)
+        return loss
+
+    @torch.no_grad()
+    def _add(self, x, y, t, slots) -> None:
+        B, dev = self.g.B, self.g.dev
+        if self.x is None:
+            self.x = torch.empty((B, self.size, *x.shape[2:]), dtype=x.dtype, device=dev)
+            self.y = torch.empty((B, self.size, *y.shape[2:]), dtype=y.dtype, device=dev)
+            self.task_ids = torch.empty((B, self.size), dtype=torch.long, device=dev)
+        keep = slots < self.size
+        for b in range(B):  # one member at a time, as its own run writes (duplicate slots: the same one wins)
+            slot, k = slots[b][keep[b]], keep[b]
+            self.x[b][slot], self.y[b][slot], self.task_ids[b][slot] = x[b][k], y[b][k], t
+        self.seen += x.shape[1]
+        self.filled = min(self.seen, self.size)
+
+    def finish(self) -> None:
+        """Tell the members what their extra_results report."""
+        for m in self.g.members:
+            m.strategy.seen = self.seen
+
+    def bytes_per_member(self, strategy, stream, params):
+        task = stream.tasks[0]
+        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4
+
+
+def _adapters() -> dict[type, type[Adapter]]:
+    from clbench.strategies import (ActivityGating, AdaptiveGating, EWCDiag, EWCFull, Finetune, Joint, L2,
+                                    PlasticityGating, Replay, SynapticIntelligence)
+
+    return {Finetune: Adapter, Joint: Adapter, L2: L2Adapter, EWCDiag: EWCDiagAdapter, EWCFull: EWCFullAdapter,
+            SynapticIntelligence: SIAdapter, ActivityGating: ActivityGatingAdapter,
+            AdaptiveGating: ActivityGatingAdapter, PlasticityGating: PlasticityGatingAdapter, Replay: ReplayAdapter}
+
+
+ADAPTERS: dict[type, type[Adapter]] = {}  # filled on first use (strategies import the core)
+
+
+def adapter_for(strategy: Strategy) -> type[Adapter] | None:
+    """The batched adapter of ``strategy``'s exact class, or None (subclasses may change any hook)."""
+    if not ADAPTERS:
+        ADAPTERS.update(_adapters())
+    return ADAPTERS.get(type(strategy))
+
+
+def batchable(stream: Stream, strategy: Strategy) -> str | None:
+    """None if this stream and strategy can run batched, else why not."""
+    if adapter_for(strategy) is None:
+        return f"strategy {strategy.name or type(strategy).__name__!r} has no batched form"
+    if any(t.augment is not None for t in stream.tasks):
+        return "the stream augments training batches"
+    return None
+
+
+# --- one batch --------------------------------------------------------------------------------------------------
+
+class _Group:
+    """B compatible members: stacked model, stacked data, per-member generators and RNG streams."""
+
+    def __init__(self, members: list[Member], models: list[nn.Module], dev: torch.device) -> None:
+        self.members, self.B, self.dev = members, len(members), dev
+        self.net = _Net(models)
+        self.tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
+        self.loss_kind = members[0].stream.loss
+        self.rng_states: list[tuple] = [None] * self.B  # set by the caller after setup
+        self.data = [self._stack(j) for j in range(len(self.tasks[0]))]
+
+    def _stack(self, j: int) -> dict[str, torch.Tensor | None]:
+        """Inputs after the task transform, shared between members that hold the same task object."""
+        originals = [m.stream.tasks[j] for m in self.members]
+        unique: dict[int, int] = {}
+        for t in originals:
+            unique.setdefault(id(t), len(unique))
+        which = torch.tensor([unique[id(t)] for t in originals], device=self.dev)
+        firsts = {unique[id(t)]: b for b, t in reversed(list(enumerate(originals)))}
+        order = [firsts[u] for u in range(len(unique))]
+        with torch.no_grad():
+            out = {"which": which}
+            for split in ("train", "test"):
+                out[f"{split}_x"] = torch.stack([self.tasks[b][j].inputs(getattr(self.tasks[b][j], f"{split}_x"))
+                                                 for b in order])
+                out[f"{split}_y"] = torch.stack([getattr(self.tasks[b][j], f"{split}_y") for b in order])
+        heads = [self.tasks[b][j].head for b in range(self.B)]
+        out["head"] = None if heads[0] is None else torch.stack(heads)
+        return out
+
+    def full(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's whole training set of task j, (B, n, ...) (cached)."""
+        d = self.data[j]
+        if "full" not in d:
+            same = len(d["which"]) == len(d["train_x"]) and bool((d["which"] == torch.arange(
+                self.B, device=self.dev)).all())
+            d["full"] = (d["train_x"], d["train_y"]) if same else (d["train_x"][d["which"]], d["train_y"][d["which"]])
+        return d["full"]
+
+    @contextlib.contextmanager
+    def rng(self, b: int) -> Iterator[None]:
+        """Member b's global RNG stream (as its own run would have it)."""
+        cpu, cuda = self.rng_states[b]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.dev)
+        try:
+            yield
+        finally:
+            self.rng_states[b] = (torch.get_rng_state(),
+                                  torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None)
+
+    def predict(self, x: torch.Tensor, j: int, gates=None) -> torch.Tensor:
+        out = self.net.forward(x, self.adapter.gates(j) if gates is None else gates)
+        head = self.data[j]["head"]
+        if head is None:
+            return out
+        return out.gather(2, head[:, None, :].expand(-1, out.shape[1], -1))
+
+    def per_sample_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss_kind == "ce":
+            return F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none").view(out.shape[:2])
+        return ((out - y) ** 2).mean(2)
+
+    @torch.no_grad()
+    def evaluate(self) -> np.ndarray:
+        row = []
+        for j in range(len(self.data)):
+            d = self.data[j]
+            gates = self.adapter.gates(j)
+            total = torch.zeros(self.B, device=self.dev, dtype=torch.float64)
+            n = d["test_x"].shape[1]
+            for start in range(0, n, 2048):
+                x = d["test_x"][d["which"], start:start + 2048]
+                y = d["test_y"][d["which"], start:start + 2048]
+                pred = self.predict(x, j, gates)
+                total += ((pred.argmax(2) == y).sum(1) if self.loss_kind == "ce"
+                          else ((pred - y) ** 2).mean(2).sum(1))
+            row.append(total / max(n, 1))
+        return torch.stack(row, 1).cpu().numpy()
+
+    def hook(self, b: int, name: str, *args) -> Any:
+        """Run member b's own hook on its own model, loaded with its current weights."""
+        strategy = self.members[b].strategy
+        self.net.load(b, strategy.model)
+        with self.rng(b):
+            return getattr(strategy, name)(*args)
+
+
+def _signature(member: Member, model: nn.Module) -> str:
+    s, stream = member.strategy, member.stream
+    shapes = [(tuple(t.train_x.shape), tuple(t.train_y.shape), tuple(t.test_x.shape), tuple(t.test_y.shape),
+               str(t.train_y.dtype), t.head is None) for t in stream.tasks]
+    return json.dumps([type(s).__module__, type(s).__name__, adapter_for(s).signature(s), s.settings(), shapes,
+                       stream.loss, stream.scenario, [tuple(p.shape) for p in model.parameters()],
+                       [type(m).__name__ for m in model]], default=str)
+
+
+def run_batched(members: list[Member], *, model_name: str | None = None, model_args: dict[str, Any] | None = None,
+                device: str | torch.device = "auto", memory_mb: float | None = None, max_members: int | None = None
+                ) -> list[Result | ClbenchError]:
+    """Train every member, batching compatible ones; returns per member its Result (or the error its run raised).
+
+    Members are grouped by what must match (stream shapes, strategy class and its non-numeric settings,
+    training settings, model); each group runs in batches that fit ``memory_mb`` (default
+    $CLBENCH_BATCH_MEMORY_MB, else 2048) and hold at most ``max_members``. A member that cannot be
+    batched (see :func:`batchable`) raises; use ``clbench.run`` for it.
+    """
+    dev = resolve_device(device)
+    budget = float(memory_mb or os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
+    models, groups = [], {}
+    for k, m in enumerate(members):
+        why = batchable(m.stream, m.strategy)
+        torch.manual_seed(m.seed)  # the engine's order: seed, model, strategy setup
+        name = model_name or m.stream.defaults.model
+        args = dict(m.stream.defaults.model_args) if model_name is None else {}
+        args.update(model_args or {})
+        model = build_model(name, m.stream.input_shape, m.stream.num_outputs, **args)
+        why = why or _model_ok(model)
+        if why:
+            raise ClbenchError(f"member {k} cannot run batched: {why}; run it with clbench.run")
+        model = m.strategy.setup(model.to(dev), m.stream)
+        settings = m.strategy.settings()
+        if settings["epochs"] < 0 or settings["batch_size"] < 1 or not settings["lr"] > 0:
+            raise ClbenchError(f"training settings out of range: {settings}; need epochs >= 0, batch_size >= 1, lr > 0")
+        m._rng = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+        models.append(model)
+        groups.setdefault(_signature(m, model), []).append(k)
+    results: list[Result | ClbenchError | None] = [None] * len(members)
+    for indices in groups.values():
+        for chunk in _chunks(indices, members, models, budget, max_members):
+            for k, r in zip(chunk, _run_group([members[k] for k in chunk], [models[k] for k in chunk], dev)):
+                results[k] = r
+    return results
+
+
+def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], budget: float,
+            max_members: int | None) -> Iterator[list[int]]:
+    """Consecutive runs of members whose estimated memory fits the budget (at least one member each)."""
+    chunk, used, seen_tasks = [], 0.0, set()
+    for k in indices:
+        m, params = members[k], count_parameters(models[k])
+        cost = 8 * params * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, params)
+        for t in m.stream.tasks:
+            if id(t) not in seen_tasks:
+                seen_tasks.add(id(t))
+                cost += 4 * (t.train_x.numel() + t.test_x.numel() + t.train_y.numel() + t.test_y.numel())
+        if chunk and (used + cost > budget or (max_members and len(chunk) >= max_members)):
+            yield chunk
+            chunk, used = [], 0.0
+        chunk.append(k)
+        used += cost
+    if chunk:
+        yield chunk
+
+
+def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device) -> list[Result | ClbenchError]:
+    g = _Group(members, models, dev)
+    g.rng_states = [m._rng for m in members]
+    g.adapter = adapter = adapter_for(members[0].strategy)(g)
+    B, T = g.B, len(g.tasks[0])
+    stream0, settings = members[0].stream, members[0].strategy.settings()
+    bs = settings["batch_size"]
+    generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
+    raw = np.full((B, T + 1, T), np.nan)
+    curves: list[list[list[float]]] = [[] for _ in range(B)]
+    failed: dict[int, ClbenchError] = {}
+    start = time.perf_counter()
+
+    def result(b: int, complete: bool) -> Result:
+        m = members[b]
+        R = _scores(raw[b], stream0.loss)
+        config = dict(m.config)
+        config.update(stream=m.stream.name, strategy=m.strategy.name, scenario=m.stream.scenario, device=str(dev),
+                      precision="fp32", seed=m.seed, provenance=m.stream.provenance, **settings)
+        return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves[b],
+                      wall_time_s=(time.perf_counter() - start) / B, peak_memory_mb=_peak_memory_mb(dev),
+                      parameter_count=count_parameters(models[b]), config=config, seed=m.seed, versions=versions(),
+                      extra={"uses_task_id_at_test": m.strategy.uses_task_id_at_test, **m.strategy.extra_results(),
+                             "batched_members": B},
+                      complete=complete)
+
+    adapter.refresh()
+    raw[:, 0] = g.evaluate()
+    for i in range(T):
+        for b in range(B):
+            g.hook(b, "before_task", g.tasks[b][i])
+        adapter.refresh()
+        seen = g.tasks[0][: i + 1]
+        train_on = [next(k for k, s in enumerate(seen) if s is t)
+                    for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
+        optimizer = make_optimizer(settings["optimizer"], g.net.params, settings["lr"])
+        steps = max(math.ceil(g.data[t]["train_x"].shape[1] / bs) for t in train_on)
+        gates = {t: adapter.gates(t) for t in train_on}
+        for epoch in range(settings["epochs"]):
+            orders = {t: torch.stack([torch.randperm(g.data[t]["train_x"].shape[1], device=dev, generator=gen)
+                                      for gen in generators]) for t in train_on}
+            epoch_loss = torch.zeros(B, device=dev)
+            for step in range(steps):
+                loss = torch.zeros(B, device=dev)
+                for t in train_on:
+                    d, order = g.data[t], orders[t]
+                    if bs >= order.shape[1] and not adapter.order_matters:
+                        # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
+                        # order, so skip the gather (sums differ from the engine's in rounding only)
+                        x, y = g.full(t)
+                    else:
+                        idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
+                        x = d["train_x"][d["which"][:, None], idx]
+                        y = d["train_y"][d["which"][:, None], idx]
+                    loss = loss + g.per_sample_loss(g.predict(x, t, gates[t]), y).mean(1)
+                    penalty = adapter.penalty()
+                    if penalty is not None:
+                        loss = loss + penalty
+                    loss = adapter.extra_loss(x, y, t, loss)
+                for p in g.net.params:
+                    p.grad = None
+                loss.sum().backward()  # members do not interact: each gets its own loss's gradient
+                adapter.after_backward()
+                optimizer.step()
+                adapter.after_step()
+                epoch_loss += loss.detach()
+            mean_loss = (epoch_loss / steps).tolist()
+            for b in range(B):
+                curves[b].append(mean_loss[b])
+                if b not in failed and not math.isfinite(mean_loss[b]):
+                    failed[b] = TrainingDiverged(
+                        f"training loss became {mean_loss[b]} on task {i + 1}, epoch {epoch + 1} "
+                        f"(lr={settings['lr']}); lower the learning rate with --strategy-arg lr=...",
+                        result(b, complete=False))
+        adapter.before_after_task()
+        if not adapter.after_task(i):
+            for b in range(B):
+                if b in failed:
+                    continue
+                try:
+                    g.hook(b, "after_task", g.tasks[b][i])
+                except ClbenchError as e:
+                    failed[b] = e
+        adapter.refresh()
+        raw[:, i + 1] = g.evaluate()
+    if hasattr(adapter, "finish"):
+        adapter.finish()
+    for b in range(B):
+        g.net.load(b, members[b].strategy.model)
+    return [failed[b] if b in failed else result(b, complete=True) for b in range(B)]
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------------
+
+TRAINING_KEYS = ("epochs", "lr", "batch_size", "optimizer")
+
+
+def parse_batch(value: str | int) -> str | int:
+    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ClbenchError(f"--batch takes auto, off or a positive integer (members per batch), got {value!r}")
+    return n
+
+
+def _group_key(cell: dict[str, Any]) -> str:
+    """Cells that may share a batch: equal but for the seed and numeric stream/strategy arguments
+    (training settings must match). run_batched splits further by shapes and settings."""
+    wild = lambda args, keep=(): {k: ("#" if isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+                                       and k not in keep else v) for k, v in args.items()}
+    key = {k: v for k, v in cell.items() if k != "seed"}
+    key["stream_args"] = wild(cell["stream_args"], ("seed",))
+    key["strategy_args"] = wild(cell["strategy_args"], TRAINING_KEYS)
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def plan(cells: list[dict[str, Any]], batch: str | int, jobs: int = 1) -> list[list[dict[str, Any]]]:
+    """Cells in batches: compatible cells together, ``batch`` at most (auto: enough batches to keep ``jobs``
+    workers busy). Memory limits are applied when a batch runs (see run_batched)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for cell in cells:
+        groups.setdefault(_group_key(cell), []).append(cell)
+    out = []
+    for group in groups.values():
+        size = batch if isinstance(batch, int) else max(1, math.ceil(len(group) / max(jobs, 1)))
+        out += [group[k:k + size] for k in range(0, len(group), size)]
+    return out
+
+
+def run_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
+              plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> list[tuple]:
+    """Run sweep cells, batching what can be; returns (cell, record, error) per cell, records as run_cell's."""
+    return list(iter_cells(cells, device, threads, commit, plugins, memory_mb))
+
+
+def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
+               plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> Iterator[tuple]:
+    """run_cells, yielding each (cell, record, error) as soon as it is known, so that a sweep stores every
+    finished run before the next one starts (a killed sweep loses only the runs in flight)."""
+    import socket
+
+    import clbench
+    from clbench.registry import arguments, load_plugin, lookup
+    from clbench.sweep import cell_id, run_cell
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    if threads:
+        torch.set_num_threads(threads)
+    streams: dict[str, Stream] = {}
+    members, single = [], []
+    for cell in cells:
+        stream_args = dict(cell["stream_args"])
+        if "seed" in arguments(lookup("stream", cell["stream"])):
+            stream_args.setdefault("seed", cell["seed"])
+        try:
+            key = json.dumps([cell["stream"], stream_args], sort_keys=True, default=str)
+            if key not in streams:  # cells on the same stream share its data
+                streams[key] = clbench.make_stream(cell["stream"], **stream_args)
+            strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
+        except Exception as e:  # noqa: BLE001  (reported per cell, as run_cell's errors are)
+            yield cell, None, e
+            continue
+        if batchable(streams[key], strategy) is None:
+            members.append((cell, Member(streams[key], strategy, cell["seed"], {"cell": cell})))
+        else:
+            single.append(cell)
+    by_model: dict[str, list] = {}
+    for cell, member in members:
+        by_model.setdefault(json.dumps([cell["model"], cell["model_args"]], default=str), []).append((cell, member))
+    for group in by_model.values():
+        cell0 = group[0][0]
+        try:
+            results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
+                                  device=device, memory_mb=memory_mb)
+        except Exception:  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
+            single += [c for c, _ in group]
+            continue
+        for (cell, _), result in zip(group, results):
+            if isinstance(result, Exception):
+                yield cell, None, result
+                continue
+            record = result.to_dict()
+            record.update(id=cell_id(cell), cell=cell, git_commit=commit,
+                          worker={"executor": "local", "host": socket.gethostname(), "pid": os.getpid()})
+            yield cell, record, None
+    for cell in single:
+        try:
+            record = run_cell(cell, device, commit=commit)
+        except Exception as e:  # noqa: BLE001
+            yield cell, None, e
+            continue
+        yield cell, record, None
+
+
+def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int, batch: str | int,
+                   threads: int | None = None) -> Iterator[tuple]:
+    """What run_sweep stores: (cell, record, error) per cell, batches run in ``jobs`` processes (which exit
+    when the sweep process dies)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from clbench.registry import LOADED_PLUGINS
+    from clbench.sweep import _exit_with_parent
+
+    batches = plan(todo, batch, jobs)
+    budget = float(os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) / jobs
+    if jobs == 1:
+        for cells in batches:
+            yield from iter_cells(cells, device, threads, commit=commit, memory_mb=budget)
+        return
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        futures = {pool.submit(run_cells, cells, device, threads, commit, tuple(LOADED_PLUGINS), budget): cells
+                   for cells in batches}
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is None:
+                yield from future.result()
+            else:
+                yield from ((cell, None, error) for cell in futures[future])
