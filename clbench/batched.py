@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench import metrics
-from clbench.engine import Result, TrainingDiverged, _peak_memory_mb, _scores, make_optimizer, resolve_device, versions
+from clbench.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, _scores, make_optimizer, resolve_device,
+                            versions)
 from clbench.errors import ClbenchError
 from clbench.models import ACTIVATIONS, build_model, count_parameters
 from clbench.strategy import Strategy
@@ -474,6 +475,8 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
         return f"strategy {strategy.name or type(strategy).__name__!r} has no batched form"
     if any(t.augment is not None for t in stream.tasks):
         return "the stream augments training batches"
+    if not getattr(strategy, "shuffle", True):
+        return "shuffle=False (batches in stored order) has no batched form"
     return None
 
 
@@ -653,12 +656,13 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         R = _scores(raw[b], stream0.loss)
         config = dict(m.config)
         config.update(stream=m.stream.name, strategy=m.strategy.name, scenario=m.stream.scenario, device=str(dev),
-                      precision="fp32", seed=m.seed, provenance=m.stream.provenance, **settings)
+                      precision="fp32", seed=m.seed, threads=torch.get_num_threads(), provenance=m.stream.provenance,
+                      **settings)
         return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves[b],
                       wall_time_s=(time.perf_counter() - start) / B, peak_memory_mb=_peak_memory_mb(dev),
                       parameter_count=count_parameters(models[b]), config=config, seed=m.seed, versions=versions(),
                       extra={"uses_task_id_at_test": m.strategy.uses_task_id_at_test, **m.strategy.extra_results(),
-                             "batched_members": B},
+                             "raw": _finite(raw[b].tolist()), "batched_members": B},
                       complete=complete)
 
     adapter.refresh()
