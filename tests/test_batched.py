@@ -13,12 +13,12 @@ def small_ts(rho_a, rho_b, seed, **kw):
                        seed=seed, **kw)
 
 
-def close(a, b):
+def close(a, b, atol=1e-4):
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(close(a[k], b[k], atol) for k in a)
     if isinstance(a, list):  # e.g. extra["raw"], the unscored matrix
-        return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
-    return a == pytest.approx(b, abs=1e-4) if isinstance(a, float) else a == b
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, atol) for x, y in zip(a, b))
+    return a == pytest.approx(b, abs=atol) if isinstance(a, float) else a == b
 
 
 def check(name, args_per_member, stream_kw=None, atol=1e-4, model_name=None, model_args=None, epochs=10, tasks=2):
@@ -35,7 +35,7 @@ def check(name, args_per_member, stream_kw=None, atol=1e-4, model_name=None, mod
         assert not isinstance(got, Exception), got
         np.testing.assert_allclose(got.R, want.R, atol=atol)
         assert got.extra.get("batched_members") == len(members)
-        assert close({k: v for k, v in got.extra.items() if k != "batched_members"}, want.extra)
+        assert close({k: v for k, v in got.extra.items() if k != "batched_members"}, want.extra, atol)
         assert got.config == want.config
     assert len({round(r.metrics["acc"], 6) for r in batched}) > 1  # the members really differ
     return batched, singles
