@@ -34,6 +34,9 @@ class Strategy:
     name: ClassVar[str] = ""
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     uses_task_id_at_test: ClassVar[bool] = False
+    # Hyper-parameters `clbench tune` searches: {argument: ("log"|"float", low, high) | ("int", low, high)
+    #  | ("choice", [values])}. Declare what matters for this strategy, with a comment saying why.
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     def __init__(
         self,

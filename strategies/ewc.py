@@ -24,6 +24,8 @@ from clbench.types import Task
 @register_strategy("ewc-diag")
 class EWCDiag(Strategy):
     """EWC with the diagonal Fisher (Kirkpatrick et al. 2017); true Fisher by default."""
+    # the useful strength spans orders of magnitude (it scales a Fisher whose size depends on model and loss): log scale
+    search_space = {"strength": ("log", 1e-2, 1e3)}
 
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
                  decay: float = 1.0, **train) -> None:

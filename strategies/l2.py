@@ -11,6 +11,8 @@ from clbench.types import Task
 @register_strategy("l2")
 class L2(Strategy):
     """Penalty strength/2 ||theta - theta_prev||^2 to the weights after the previous task (Hiratani 2024)."""
+    # strength trades plasticity for stability over orders of magnitude: log scale
+    search_space = {"strength": ("log", 1e-4, 10.0)}
 
     def __init__(self, strength: float = 1.0, **train) -> None:
         super().__init__(**train)
