@@ -206,6 +206,8 @@ def _add_suite_common(p) -> None:
                    help="'processes': this machine (default); 'ray': one Ray task per run, as in `clbench sweep`")
     p.add_argument("--address", default=None, metavar="HOST:PORT", help="Ray head (default: $RAY_ADDRESS or local)")
     p.add_argument("--device", default=None, help="device for every run (default: the suite's, else cpu)")
+    p.add_argument("--plugin", action="append", default=[], dest="suite_plugin", metavar="FILE.py|MODULE",
+                   help="your strategy's file or module (same as the global --plugin)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -234,14 +236,15 @@ def _add_benchmark(sub) -> None:
                "--set strength=10",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_suite_common(p)
-    p.add_argument("--plugin", action="append", default=[], dest="bench_plugin", metavar="FILE.py|MODULE",
-                   help="your strategy's file or module (same as the global --plugin)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed settings instead of tuning (repeatable)")
 
 
 def _suite_setup(args: argparse.Namespace):
     from clbench import suite as suites
+    from clbench.registry import load_plugin
 
+    for plugin in args.suite_plugin:
+        load_plugin(plugin)
     suite = suites.load(args.suite)
     if args.jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {args.jobs}")
@@ -269,10 +272,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from clbench import benchmark, report
-    from clbench.registry import load_plugin, parse_key_values
+    from clbench.registry import parse_key_values
 
-    for plugin in args.bench_plugin:
-        load_plugin(plugin)
     suite, names, store = _suite_setup(args)
     out = benchmark.benchmark(suite, names, store, settings=parse_key_values(args.set, "--set"),
                               executor=args.executor, jobs=args.jobs, address=args.address, device=args.device,

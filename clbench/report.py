@@ -105,7 +105,7 @@ def chart(table: pd.DataFrame, output: str, metric: str = "acc", highlight: str 
     y = np.arange(len(table))[::-1]
     ax.barh(y, table[f"{metric}_mean"], xerr=table[f"{metric}_ci95"].fillna(0), color=colors, capsize=3)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel(f"{metric} (mean over seeds; bars: 95% CI; dark: not distinguishable from the best)")
+    ax.set_xlabel(f"{metric}, mean over seeds (bars: 95% CI)\ndark: not distinguishable from the best")
     fig.suptitle(title or "Suite leaderboard")
     fig.savefig(output, dpi=110)
     plt.close(fig)

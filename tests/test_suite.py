@@ -278,3 +278,19 @@ def test_html_page_renders_and_sorts_in_a_headless_browser(ranked_store, tmp_pat
     ranks = re.findall(r'<tr><td data-v="(\d+)"', body)
     assert ranks == ["1", "2"]
     assert "±" in body and "tiny" in dom and 'alt="ranked chart"' in dom
+
+
+def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_path):
+    from clbench import benchmark, sweep
+
+    path = write_suite(tmp_path, **{'protocol = "holdout"\nshare = 0.2\nseed = 3': 'protocol = "first-tasks"\ntasks = 1',
+                                    "trials = 4": "trials = 2", "seeds = [0, 1, 2, 3, 4]": "seeds = [0, 1]"})
+    suite = suites.load(path)
+    tuning_cell = suites.cells(suite, "l2", {"strength": 0.1}, [100], suites.tuning_split(suite))[0]
+    assert len(sweep.run_cell(tuning_cell, "cpu")["R"][0]) == 1  # tuning sees task 1 only
+    t = benchmark.final_rows(suite, "l2", tmp_path / "store", progress=False)
+    assert t["trials_counted"] == 2
+    records = list(Store(tmp_path / "store").records())
+    assert len(records) == 2 and all(len(r["R"][0]) == 2 for r in records)  # reported on tasks 2 and 3
+    assert records[0]["config"]["provenance"]["task_range"] == [1, None]
+
