@@ -104,6 +104,16 @@ def test_suite_files_are_checked_strictly(tmp_path):
     assert more.protocol_hash == good.protocol_hash != other.protocol_hash
 
 
+def test_bad_suite_input_is_one_clear_cli_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "benchmark", "--suite", "permuted-fashion-mnst", "--strategy", "l2")
+    assert code == 2 and err.startswith("clbench: error: unknown suite 'permuted-fashion-mnst'") and "Did you mean" in err
+    code, _, err = run_cli(capsys, "tune", "--suite", str(write_suite(tmp_path, **{"trials = 4": "trails = 4"})))
+    assert code == 2 and "unknown key 'trails'; did you mean 'trials'" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "benchmark", "--suite", str(write_suite(tmp_path)), "--strategy", "l2,finetune",
+                           "--set", "strength=1", "--store", str(tmp_path / "s"))
+    assert code == 2 and "one --strategy at a time" in err
+
+
 def test_committed_suites_load():
     names = sorted(p.stem for p in (ROOT / "suites").glob("*.toml"))
     assert {"permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task",
