@@ -306,7 +306,7 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 
 
 
-SUITE_BOARDS = ["split-fashion-mnist-class", "split-fashion-mnist-task"]
+SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task"]
 
 
 @pytest.mark.parametrize("name", SUITE_BOARDS)
