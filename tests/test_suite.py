@@ -306,7 +306,8 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 
 
 
-SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task"]
+SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task",
+                "similarity-permuted-fashion-mnist"]
 
 
 @pytest.mark.parametrize("name", SUITE_BOARDS)
