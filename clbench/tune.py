@@ -77,7 +77,8 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     budget = int(proto["tuning"]["trials"])
     fixed = dict(suite.strategy_entry(strategy).get("args", {}))
     space = search_space(suite, strategy)
-    check_arguments("strategy", strategy, lookup("strategy", strategy), {**proto["training"], **fixed, **space})
+    check_arguments("strategy", strategy, lookup("strategy", strategy),
+                    {**proto["training"], **fixed, **{key: None for key in space}})  # the space: names only
     for cfg in suite.streams():
         check_arguments("stream", cfg["stream"], lookup("stream", cfg["stream"]), cfg["stream_args"])
     store_dir = Path(store_dir)
@@ -118,11 +119,11 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
                 plan[sweep.cell_id(cell)] = (trial, cell)
         todo = [cell for _, cell in plan.values()]
         if executor == "ray":
-            outcomes = sweep._ray(todo, device, commit, address, 1.0, None)
+            outcomes = sweep._ray(todo, device, commit, address, 1.0, None, None)
         elif jobs > 1:
-            outcomes = sweep._processes(todo, device, commit, jobs)
+            outcomes = sweep._processes(todo, device, commit, jobs, None)
         else:
-            outcomes = sweep._serial(todo, device, commit)
+            outcomes = sweep._serial(todo, device, commit, None)
         scores: dict[int, list[float]] = {t.number: [] for t in trials}
         errors: dict[int, str] = {}
         for cell, record, error in outcomes:

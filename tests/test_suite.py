@@ -246,6 +246,7 @@ def test_leaderboard_refuses_to_mix_protocols(ranked_store, tmp_path, capsys):
     shutil.copytree(committed, mixed)
     record = json.loads(next(mixed.glob("*.json")).read_text())
     record["cell"]["suite"] = {**record["cell"]["suite"], "version": 2, "protocol_hash": "0123456789ab"}
+    record["id"] = "other"  # a store checks that a record's id is its file name
     Store(mixed).write("other", record)
     code, _, err = run_cli(capsys, "leaderboard", "--store", str(mixed), "--output", str(tmp_path / "x.csv"))
     assert code == 2 and "mixes records of different suite protocols" in err and "tiny v2" in err
