@@ -800,9 +800,13 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
         if "seed" in arguments(lookup("stream", cell["stream"])):
             stream_args.setdefault("seed", cell["seed"])
         try:
-            key = json.dumps([cell["stream"], stream_args], sort_keys=True, default=str)
+            key = json.dumps([cell["stream"], stream_args, cell.get("split")], sort_keys=True, default=str)
             if key not in streams:  # cells on the same stream share its data
                 streams[key] = clbench.make_stream(cell["stream"], **stream_args)
+                if cell.get("split"):  # a suite's validation or task-range split, as run_cell applies it
+                    from clbench.suite import split_stream
+
+                    streams[key] = split_stream(streams[key], cell["split"])
             strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
         except Exception as e:  # noqa: BLE001  (reported per cell, as run_cell's errors are)
             yield cell, None, e

@@ -213,12 +213,106 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_suite_common(p) -> None:
+    p.add_argument("--suite", required=True, help="suite name (suites/NAME.toml) or path of a suite .toml file")
+    p.add_argument("--strategy", help="comma-separated strategy names (default: every strategy the suite lists)")
+    p.add_argument("--store", help="results folder (default: clbench-results/SUITE)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STORE/tuning.db)")
+    p.add_argument("--jobs", type=int, default=1, help="trials (and final runs) at once, in local processes")
+    p.add_argument("--executor", choices=("processes", "ray"), default="processes",
+                   help="'processes': this machine (default); 'ray': one Ray task per run, as in `clbench sweep`")
+    p.add_argument("--address", default=None, metavar="HOST:PORT", help="Ray head (default: $RAY_ADDRESS or local)")
+    p.add_argument("--device", default=None, help="device for every run (default: the suite's, else cpu)")
+    p.add_argument("--plugin", action="append", default=[], dest="suite_plugin", metavar="FILE.py|MODULE",
+                   help="your strategy's file or module (same as the global --plugin)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="choose a strategy's settings on a suite's validation split (Optuna; resumable)",
+        description="Search each strategy's declared search space with the suite's trial budget (the same for "
+                    "every strategy). The objective is the suite metric of the whole continual run on the "
+                    "validation split; test sets are never used. A killed search resumes where it stopped.",
+        epilog="example:\n  clbench tune --suite permuted-fashion-mnist --strategy ewc-diag,si",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_suite_common(p)
+    p.add_argument("--max-new-trials", type=int, default=None, help="stop after this many new trials (resume later)")
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser(
+        "benchmark", help="tune a strategy, run its final rows and rank it on a suite's leaderboard",
+        description="Run a suite's protocol for a strategy: tune it with the suite's budget (unless --set gives "
+                    "its settings), run the chosen settings on the test sets over the suite's seeds, store the "
+                    "records, and print the suite's leaderboard with the new row ranked among the committed ones "
+                    "(rows not distinguishable from the best at 95% are marked). Also writes STORE/leaderboard.csv "
+                    "and STORE/leaderboard.png.",
+        epilog="examples:\n  clbench --plugin my_strategy.py benchmark --suite permuted-fashion-mnist --strategy mine\n"
+               "  clbench benchmark --suite permuted-fashion-mnist --plugin my_strategy.py --strategy mine "
+               "--set strength=10",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_suite_common(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed settings instead of tuning (repeatable)")
+
+
+def _suite_setup(args: argparse.Namespace):
+    from clbench import suite as suites
+    from clbench.registry import load_plugin
+
+    for plugin in args.suite_plugin:
+        load_plugin(plugin)
+    suite = suites.load(args.suite)
+    if args.jobs < 1:
+        raise ClbenchError(f"--jobs must be at least 1, got {args.jobs}")
+    names = args.strategy.split(",") if args.strategy else [e["name"] for e in suite.spec.get("strategy", [])]
+    if not names:
+        raise ClbenchError(f"suite {suite.name} lists no strategies; pass --strategy NAME")
+    store = args.store or os.path.join("clbench-results", suite.name)
+    return suite, names, store
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from clbench import tune
+
+    suite, names, store = _suite_setup(args)
+    for name in names:
+        t = tune.tune(suite, name, store, storage=args.storage, executor=args.executor, jobs=args.jobs,
+                      address=args.address, device=args.device, max_new_trials=args.max_new_trials,
+                      progress=not args.quiet)
+        state = "" if t.get("finished", True) else " (unfinished: rerun to resume)"
+        score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
+        print(f"{name}: chosen {t['chosen'] or t.get('note')}, validation {t['metric']} {score}, "
+              f"{t['trials_counted']}/{t['budget_trials']} trials{state}; summary {t['path']}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from clbench import benchmark, report
+    from clbench.registry import parse_key_values
+
+    suite, names, store = _suite_setup(args)
+    out = benchmark.benchmark(suite, names, store, settings=parse_key_values(args.set, "--set"),
+                              executor=args.executor, jobs=args.jobs, address=args.address, device=args.device,
+                              storage=args.storage, progress=not args.quiet)
+    for name, t in out["tuning"].items():
+        score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
+        how = t.get("note") or f"tuned, {t['trials_counted']} trials"
+        print(f"{name}: settings {t['chosen'] or '(defaults)'} ({how}), validation {score}")
+    print(f"\n{suite.name} v{suite.version} (protocol {suite.protocol_hash}), ranked by {out['metric']} on the test sets:")
+    print(report.format_table(out["table"], out["metric"], highlight=names[0] if len(names) == 1 else None))
+    print(f"\nwrote {out['csv']} and {out['png']}")
+    return 0
+
+
 def _add_leaderboard(sub) -> None:
     p = sub.add_parser("leaderboard", help="build a leaderboard CSV from a results store",
                        description="One row per (stream config, strategy config): mean and 95%% CI over seeds of "
                                    "the metrics, costs and provenance. Schema: leaderboards/README.md.")
     p.add_argument("--store", required=True, help="results folder written by `clbench sweep`")
     p.add_argument("--output", required=True, help="CSV file to write")
+    p.add_argument("--html", metavar="PAGE.html", help="also write one self-contained page: sortable table, "
+                   "95%% CIs, provenance and plots inline")
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -231,6 +325,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
     leaderboard.write(table, args.output)
     print(f"wrote {args.output}: {len(table)} rows from {args.store}")
+    if args.html:
+        from clbench.report import page_from_store
+
+        page, rows = page_from_store(args.store)
+        tmp = f"{args.html}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(page)
+        os.replace(tmp, args.html)
+        print(f"wrote {args.html}: {rows} table rows")
     return 0
 
 
@@ -294,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(sub)
     _add_data(sub)
     _add_sweep(sub)
+    _add_tune(sub)
+    _add_benchmark(sub)
     _add_leaderboard(sub)
     _add_plot(sub)
     _add_reproduce(sub)
@@ -469,7 +574,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         load_plugin(plugin)
     handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
                 "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot,
-                "reproduce": cmd_reproduce}
+                "tune": cmd_tune, "benchmark": cmd_benchmark, "reproduce": cmd_reproduce}
     if args.command is None:
         parser.print_help()
         return 0

@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clbench.errors import ClbenchError
 from clbench.store import Store
 
 METRICS = ["acc", "bwt", "fwt", "forgetting", "transfer", "retention"]
 COSTS = ["wall_time_s", "peak_memory_mb"]
 TIME_COLUMNS = ["wall_time_s_mean", "wall_time_s_ci95", "peak_memory_mb_mean", "peak_memory_mb_ci95"]
+SUITE_COLUMNS = ["suite", "suite_version", "protocol_hash", "tuned", "tuning_trials", "validation_score"]
 KEYS = ["stream", "stream_args", "strategy", "strategy_args", "model", "model_args"]
 # two-sided 95% Student-t quantiles for 1..30 degrees of freedom; 1.96 beyond
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -50,8 +52,26 @@ def runs_table(store: Store) -> pd.DataFrame:
             "parameter_count": r["parameter_count"], "clbench_version": r["versions"]["clbench"],
             "git_commit": r.get("git_commit") or "unknown", "device": r["config"]["device"],
             "dataset": (r["config"].get("provenance") or {}).get("dataset", "unknown"),
+            **_suite_columns(cell),
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "protocol_hash" in table and table["protocol_hash"].nunique(dropna=False) > 1:
+        found = sorted(f"{n} v{v} ({h})" for n, v, h in
+                       table[["suite", "suite_version", "protocol_hash"]].drop_duplicates().astype(str).itertuples(index=False))
+        raise ClbenchError(f"{store.root} mixes records of different suite protocols: {', '.join(found)}; a leaderboard "
+                           "compares one protocol only: keep each suite version's records in its own store")
+    return table
+
+
+def _suite_columns(cell: dict[str, Any]) -> dict[str, Any]:
+    """Suite provenance of a run made by ``clbench benchmark`` (none for a free-form sweep)."""
+    suite = cell.get("suite")
+    if not suite:
+        return {}
+    tuning = cell.get("tuning") or {}
+    return {"suite": suite["name"], "suite_version": suite["version"], "protocol_hash": suite["protocol_hash"],
+            "tuned": ",".join(tuning.get("searched", [])) or "-", "tuning_trials": tuning.get("trials", 0),
+            "validation_score": "-" if tuning.get("validation_score") is None else f"{tuning['validation_score']:.6g}"}
 
 
 def build(store: Store) -> pd.DataFrame:
@@ -69,6 +89,9 @@ def build(store: Store) -> pd.DataFrame:
         row["n_seeds"] = int(group["seed"].nunique())
         for col in ("clbench_version", "git_commit", "device", "dataset"):
             row[col] = ";".join(sorted(set(group[col].astype(str))))
+        for col in SUITE_COLUMNS:
+            if col in group:
+                row[col] = ";".join(sorted(set(group[col].astype(str))))
         rows.append(row)
     table = pd.DataFrame(rows)
     two_task = table[["transfer_mean", "retention_mean"]].notna().any()

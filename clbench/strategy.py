@@ -66,6 +66,9 @@ class Strategy:
     #: Training settings this strategy needs whatever the stream recommends, e.g. ``{"optimizer": "adam",
     #: "lr": 1e-3}``; an explicit argument still wins. Shown by ``clbench list``.
     train_defaults: ClassVar[dict[str, Any]] = {}
+    # Hyper-parameters `clbench tune` searches: {argument: ("log"|"float", low, high) | ("int", low, high)
+    #  | ("choice", [values])}. Declare what matters for this strategy, with a comment saying why.
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     def __init__(
         self,

@@ -169,6 +169,10 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
         stream_args.setdefault("seed", cell["seed"])
     with quiet():  # the sweep's own bar reports progress
         stream = clbench.make_stream(cell["stream"], **stream_args)
+        if cell.get("split"):  # a suite's validation or task-range split (clbench.suite)
+            from clbench.suite import split_stream
+
+            stream = split_stream(stream, cell["split"])
         strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
         result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
                              device=device, seed=cell["seed"], progress=False, config={"cell": cell})

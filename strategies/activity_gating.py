@@ -42,6 +42,8 @@ def random_gate(size: int, alpha: float, seed: int, rescale: bool, sampling: str
 @register_strategy("activity-gating")
 class ActivityGating(Strategy):
     """Fixed random per-task gates on unit activity, active fraction alpha (XdG; Hiratani 2024); task id at test."""
+    # the active fraction trades capacity per task against overlap between tasks (linear scale, 5% to 100%)
+    search_space = {"alpha": ("float", 0.05, 1.0)}
 
     scenarios = ("task", "domain")
     uses_task_id_at_test = True

@@ -30,6 +30,8 @@ class EWCDiag(Strategy):
     (Hiratani's lst_cwn_diag.py uses the Fisher of an independent task 0 with the same statistics); ``gamma``
     (teacher-student only) sets the strength the paper's way (clbench.strategies.l2.strength_from_gamma).
     """
+    # the useful strength spans orders of magnitude (it scales a Fisher whose size depends on model and loss): log scale
+    search_space = {"strength": ("log", 1e-2, 1e3)}
 
     def __init__(self, strength: float = 1.0, fisher_samples: int = 1000, fisher: str = "true",
                  decay: float = 1.0, anchor_initial: bool = False, gamma: float | None = None, **train) -> None:

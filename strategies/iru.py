@@ -87,6 +87,8 @@ def _replace(module: nn.Module, old: nn.Module, new: nn.Module) -> None:
 @register_strategy("iru")
 class IRU(Strategy):
     """Incremental rank updates: U diag(s_t) V^T layers, r2 new columns per task, frozen factors (Hyder et al. 2022)."""
+    # r1 sets the first task's capacity, r2 the growth per task (integers; the notebook uses 11 and 1)
+    search_space = {"r1": ("int", 2, 32), "r2": ("int", 1, 4)}
 
     scenarios = ("task", "domain")
     uses_task_id_at_test = True

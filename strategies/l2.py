@@ -37,6 +37,9 @@ class L2(Strategy):
     ``gamma`` (teacher-student only) sets the strength the paper's way (see ``strength_from_gamma``).
     """
 
+    # strength trades plasticity for stability over orders of magnitude: log scale
+    search_space = {"strength": ("log", 1e-4, 10.0)}
+
     def __init__(self, strength: float = 1.0, anchor_initial: bool = False, gamma: float | None = None,
                  **train) -> None:
         super().__init__(**train)

@@ -21,6 +21,8 @@ from clbench.types import Task
 @register_strategy("lwf")
 class LwF(Strategy):
     """Learning without forgetting: distillation to the previous model's outputs (Li & Hoiem 2017)."""
+    # the distillation weight alpha is a loss ratio (log scale); temperature 2 is the paper's choice
+    search_space = {"alpha": ("log", 0.01, 100.0)}
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **train) -> None:
         super().__init__(**train)

@@ -23,6 +23,8 @@ from clbench.strategies.activity_gating import random_gate
 @register_strategy("plasticity-gating")
 class PlasticityGating(Strategy):
     """Per-task random masks on which weights may change: synapses from an alpha fraction of inputs (Hiratani 2024)."""
+    # the plastic fraction of inputs per task (linear scale)
+    search_space = {"alpha": ("float", 0.05, 1.0)}
 
     def __init__(self, alpha: float = 0.5, **train) -> None:
         super().__init__(**train)

@@ -22,6 +22,8 @@ from clbench.types import Task
 @register_strategy("replay")
 class Replay(Strategy):
     """Experience replay from a reservoir buffer of buffer_size samples (Chaudhry et al. 2019)."""
+    # buffer_size is a memory budget fixed by the suite, not a knob to tune; nothing else to search
+    search_space = {}
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, **train) -> None:
         super().__init__(**train)

@@ -20,6 +20,8 @@ from clbench.types import Task
 @register_strategy("si")
 class SynapticIntelligence(Strategy):
     """Synaptic intelligence: path-integral importance, quadratic penalty (Zenke et al. 2017)."""
+    # c scales the importance (Zenke et al. searched 0.01 to 10 on a log grid); xi stays fixed
+    search_space = {"c": ("log", 1e-3, 10.0)}
 
     def __init__(self, c: float = 0.1, xi: float = 1e-3, **train) -> None:
         super().__init__(**train)

@@ -8,6 +8,9 @@ from clbench import Strategy, register_strategy
 class Shrink(Strategy):
     """Weight decay towards zero: penalty strength * ||theta||^2 (a test plugin)."""
 
+    # a decay strength matters over orders of magnitude: log scale (what `clbench tune` searches)
+    search_space = {"strength": ("log", 1e-4, 1.0)}
+
     def __init__(self, strength: float = 0.5, **train):
         super().__init__(**train)
         self.strength = float(strength)

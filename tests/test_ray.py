@@ -127,3 +127,21 @@ def test_ray_only_options_need_the_ray_executor(cli, tmp_path):
                        "--jobs", "2")
     assert code == 2 and "--jobs applies to local processes" in err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_ray_runs_tuning_trials_like_local_processes(ray_head, tmp_path):
+    from test_suite import write_suite
+
+    suite = write_suite(tmp_path)
+    summaries = []
+    for name, extra in (("ray", ["--executor", "ray", "--address", ray_head]), ("local", [])):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **LOOPBACK)
+        done = subprocess.run([sys.executable, "-m", "clbench", "tune", "--suite", str(suite), "--strategy", "l2",
+                               "--store", str(tmp_path / name), "--jobs", "2", "--quiet", *extra], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert "4/4 trials" in done.stdout
+        summaries.append(json.loads(next((tmp_path / name / "tuning").glob("*l2*.json")).read_text()))
+    ray, local = summaries
+    assert ray["chosen"] == local["chosen"]
+    assert [t["value"] for t in ray["trials"]] == pytest.approx([t["value"] for t in local["trials"]], rel=1e-5)
