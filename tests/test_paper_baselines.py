@@ -44,3 +44,29 @@ def test_replay_reservoir_matches_one_by_one_sampling():
     torch.manual_seed(0)
     replay._add(x, torch.zeros(800), task)
     assert torch.equal(replay.x, expected)
+
+
+# --- LwF ----------------------------------------------------------------------------------------------
+def test_lwf_weighs_distillation_by_lambda_o_without_a_hidden_t_squared(mnist_root):
+    """Li & Hoiem: loss = task loss + lambda_o * soft cross-entropy at T (here as KL: same up to a constant)."""
+    import torch.nn.functional as F
+
+    from clbench.models import build_model
+
+    stream = make_stream("permuted-mnist", tasks=2, root=mnist_root)
+    x, y = stream[1].inputs(stream[1].train_x[:64]), stream[1].train_y[:64]
+    losses = {}
+    for t_squared in (False, True):
+        torch.manual_seed(0)
+        lwf = make_strategy("lwf", alpha=0.7, temperature=2.0, t_squared=t_squared)
+        lwf.setup(build_model("mlp", (1, 28, 28), 10, widths=(32,)), stream)
+        lwf.after_task(stream[0])
+        with torch.no_grad():
+            for p in lwf.model.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # the model moves away from the stored old model
+        losses[t_squared] = float(lwf.training_loss(x, y, stream[1]))
+    task = F.cross_entropy(lwf.model(x), y)
+    p_old, log_new = torch.softmax(lwf.old(x) / 2, 1), torch.log_softmax(lwf.model(x) / 2, 1)
+    kl = (p_old * (p_old.log() - log_new)).sum(1).mean()
+    assert losses[False] == pytest.approx(float(task + 0.7 * kl), rel=1e-5)
+    assert losses[True] == pytest.approx(float(task + 0.7 * 4 * kl), rel=1e-5)
