@@ -211,13 +211,13 @@ def main() -> None:
     print(f"permuted Fashion-MNIST, {args.tasks} tasks x {args.train_samples} training images "
           f"({args.test_samples} test), MLP 784-400-400-10, SGD lr 0.05, batch 128, 1 epoch, seed {args.seed}, "
           f"CPU, torch threads {torch.get_num_threads()}\n")
-    rows = compare(stream, comparisons(args.train_samples), seed=args.seed)
     print("| comparison | clbench | Avalanche | max abs R difference | clbench s | Avalanche s | note |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for row in comparisons(args.train_samples):
+        compare(stream, [row], seed=args.seed)
         r = row.results
         if "diverged" in r:
-            print(f"| {row.label} | `{row.clbench}` | | diverged in clbench: {r['diverged']} | | | |")
+            print(f"| {row.label} | `{row.clbench}` | | diverged in clbench: {r['diverged']} | | | |", flush=True)
             continue
         avalanche = ", ".join(type(p).__name__ for p in row.plugins()) or "Naive"
         settings = " ".join(f"{k}={v}" for k, v in row.clbench_args.items())
@@ -226,7 +226,7 @@ def main() -> None:
             note += f"; largest clbench SI importance {r['max_importance']:.2g}" + (
                 " (over Avalanche's 0.001 clip)" if r["max_importance"] > 1e-3 else " (under the 0.001 clip)")
         print(f"| {row.label} | `{row.clbench}` {settings} | {avalanche} | {r['max_abs_diff']:.4f} | "
-              f"{r['clbench_s']:.1f} | {r['avalanche_s']:.1f} | {note} |")
+              f"{r['clbench_s']:.1f} | {r['avalanche_s']:.1f} | {note} |", flush=True)
 
 
 if __name__ == "__main__":
