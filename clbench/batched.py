@@ -477,6 +477,10 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
         return "the stream augments training batches"
     if not getattr(strategy, "shuffle", True):
         return "shuffle=False (batches in stored order) has no batched form"
+    if getattr(strategy, "anchor_initial", False):
+        return "anchor_initial (a pull to the initial weights during task 1) has no batched form"
+    if strategy.name in ("ewc-diag", "ewc-full") and strategy.form == "per-task" and len(stream.tasks) > 2:
+        return "per-task EWC on more than two tasks has no batched form (form=online has; on two tasks they agree)"
     return None
 
 

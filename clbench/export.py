@@ -15,7 +15,10 @@ def _materialise(task: Task, split: str, batch: int = 4096) -> tuple[torch.Tenso
 
 
 def to_torch(stream: Stream) -> list[dict[str, TensorDataset]]:
-    """Per task ``{"train": ds, "test": ds}``; items are (input, target, task_id) with the transform applied."""
+    """Per task ``{"train": ds, "test": ds}``; items are (input, target, task_id) with the transform applied.
+
+    task_id is the task's index in the stream whatever the scenario (unlike ``to_avalanche``'s task labels).
+    """
     out = []
     for task in stream.tasks:
         splits = {}
@@ -26,12 +29,21 @@ def to_torch(stream: Stream) -> list[dict[str, TensorDataset]]:
     return out
 
 
+def task_label(stream: Stream, task: Task) -> int:
+    """Avalanche's task label of ``task``: its id in task-incremental streams, else 0."""
+    return task.id if stream.scenario == "task" else 0
+
+
 def to_avalanche(stream: Stream):
     """An Avalanche benchmark with one experience per task (targets and task labels set).
 
-    Classification streams only: class-incremental streams keep global class
-    ids; task-incremental ones use labels local to each task's head (read them
-    with a multi-head model, or offset them yourself).
+    Task labels follow Avalanche's own benchmarks: a task-incremental stream gives
+    experience t the task label t (the scenario provides the task id); domain- and
+    class-incremental streams give task label 0 to every experience (as Avalanche's
+    ``PermutedMNIST`` and ``SplitMNIST`` do), so task-aware Avalanche strategies and
+    metrics see no task id there. Classification streams only: class-incremental
+    streams keep global class ids; task-incremental ones use labels local to each
+    task's head (read them with a multi-head model, or offset them yourself).
     """
     try:
         from avalanche.benchmarks import dataset_benchmark
@@ -47,5 +59,5 @@ def to_avalanche(stream: Stream):
         for split in ("train", "test"):
             x, y = _materialise(task, split)
             splits[split].append(_make_taskaware_tensor_classification_dataset(
-                x, y, targets=y.tolist(), task_labels=task.id))
+                x, y, targets=y.tolist(), task_labels=task_label(stream, task)))
     return dataset_benchmark(splits["train"], splits["test"])

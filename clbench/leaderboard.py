@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clbench import metrics
 from clbench.errors import ClbenchError
 from clbench.store import Store
 
-METRICS = ["acc", "bwt", "fwt", "forgetting", "transfer", "retention"]
+METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention"]
 COSTS = ["wall_time_s", "peak_memory_mb"]
 TIME_COLUMNS = ["wall_time_s_mean", "wall_time_s_ci95", "peak_memory_mb_mean", "peak_memory_mb_ci95"]
 SUITE_COLUMNS = ["suite", "suite_version", "protocol_hash", "tuned", "tuning_trials", "validation_score"]
@@ -42,6 +43,8 @@ def runs_table(store: Store) -> pd.DataFrame:
     rows = []
     for r in store.records():
         cell = r["cell"]
+        if "forgetting_last" not in r["metrics"] and r["metrics"] and r.get("R"):  # records older than it
+            r["metrics"]["forgetting_last"] = metrics.forgetting_last(r["R"])
         rows.append({
             "stream": cell["stream"], "stream_args": _canonical(cell["stream_args"]),
             "strategy": cell["strategy"], "strategy_args": _canonical(cell["strategy_args"]),

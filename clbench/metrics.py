@@ -4,7 +4,8 @@ R has shape (T+1, T): row 0 is the model before any training, row i the model
 after training task i (1-based), column j the score on task j (accuracy, or
 1 - error/error_at_init for regression streams). In code, column j is index
 j-1. Definitions: GEM (Lopez-Paz & Ranzato, NeurIPS 2017) for ACC, BWT, FWT;
-Riemannian Walk (Chaudhry et al., ECCV 2018) for forgetting; Hiratani
+Riemannian Walk (Chaudhry et al., ECCV 2018) for ``forgetting`` and
+Avalanche's definition (Lomonaco et al. 2021) for ``forgetting_last``; Hiratani
 (NeurIPS 2024) for two-task transfer and retention.
 """
 from __future__ import annotations
@@ -71,6 +72,16 @@ def forgetting(R) -> float:
     return float(np.mean(forgetting_matrix(R)[T, : T - 1]))
 
 
+def forgetting_last(R) -> float:
+    """Forgetting as Avalanche reports it: mean_{j<T} (R[j,j] - R[T,j]), the drop from just after learning
+    task j (not from the best earlier score, as ``forgetting``); equals -BWT. NaN for one task."""
+    R = _as_matrix(R)
+    T = R.shape[1]
+    if T < 2:
+        return float("nan")
+    return float(np.mean([R[j, j - 1] - R[T, j - 1] for j in range(1, T)]))
+
+
 def transfer_matrix(R) -> np.ndarray:
     """X[i,j] = R[i,j] - R[0,j] for j > i (what training up to task i gives task j); NaN elsewhere."""
     R = _as_matrix(R)
@@ -94,9 +105,10 @@ def transfer_retention(R) -> tuple[float, float]:
 
 
 def summary(R) -> dict[str, float]:
-    """ACC, BWT, FWT, forgetting; plus transfer and retention for two-task streams."""
+    """ACC, BWT, FWT, both forgettings; plus transfer and retention for two-task streams."""
     R = _as_matrix(R)
-    out = {"acc": acc(R), "bwt": bwt(R), "fwt": fwt(R), "forgetting": forgetting(R)}
+    out = {"acc": acc(R), "bwt": bwt(R), "fwt": fwt(R), "forgetting": forgetting(R),
+           "forgetting_last": forgetting_last(R)}
     if R.shape[1] == 2:
         out["transfer"], out["retention"] = transfer_retention(R)
     return out

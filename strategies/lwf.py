@@ -3,8 +3,14 @@
 Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017::
 
     after task t:  old = frozen copy of the model
-    loss:          task loss + alpha * T^2 * KL(softmax(old(x)/T) || softmax(model(x)/T))   (over units seen so far)
+    loss:          task loss + alpha * KL(softmax(old(x)/T) || softmax(model(x)/T))   (over units seen so far)
                    (regression streams: alpha * ||model(x) - old(x)||^2 / outputs)
+
+alpha is the paper's lambda_o (1 by default) and T its temperature (2): the paper's cross-entropy to
+the old model's soft outputs differs from this KL only by a constant. ``t_squared=True`` multiplies the
+distillation term by T^2, as Hinton et al. 2015 do to keep its gradient scale independent of T (not in
+Li & Hoiem; at T = 2 it weighs distillation 4x). Avalanche's ``LwF(alpha, temperature)`` is the default
+form with the same alpha.
 """
 from __future__ import annotations
 
@@ -24,9 +30,9 @@ class LwF(Strategy):
     # the distillation weight alpha is a loss ratio (log scale); temperature 2 is the paper's choice
     search_space = {"alpha": ("log", 0.01, 100.0)}
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **train) -> None:
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, t_squared: bool = False, **train) -> None:
         super().__init__(**train)
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alpha, self.temperature, self.t_squared = float(alpha), float(temperature), bool(t_squared)
         self.old = None
         self.seen_units: list[int] = []
 
@@ -51,4 +57,4 @@ class LwF(Strategy):
             return loss + self.alpha * F.mse_loss(new, old)
         T = self.temperature
         distill = F.kl_div(F.log_softmax(new / T, 1), F.log_softmax(old / T, 1), log_target=True, reduction="batchmean")
-        return loss + self.alpha * T * T * distill
+        return loss + self.alpha * (T * T if self.t_squared else 1.0) * distill

@@ -5,7 +5,8 @@ Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019
 
     each step:  loss = loss(current batch) + loss(a batch drawn from the buffer)
                 add the current batch to the buffer by reservoir sampling (every sample seen
-                so far is kept with equal probability buffer_size / n_seen)
+                so far is kept with equal probability buffer_size / n_seen; when two samples of a
+                batch draw the same slot the later one wins, as in one-by-one sampling)
 
 The buffer holds model inputs (after the task transform), targets and task ids, on the device.
 """
@@ -61,8 +62,15 @@ class Replay(Strategy):
         index = torch.arange(self.seen, self.seen + n, device=x.device)
         slot = torch.where(index < self.buffer_size, index,
                            (torch.rand(n, device=x.device) * (index + 1)).long())
-        keep = slot < self.buffer_size
-        self.x[slot[keep]], self.y[slot[keep]], self.task_ids[slot[keep]] = x[keep], y[keep], task.id
+        # Two samples of one batch may draw the same slot; sequential reservoir sampling keeps the later
+        # one. Index assignment with repeated indices leaves the winner to the thread schedule, so pick
+        # the last writer of every slot explicitly (deterministic for any thread count).
+        last = torch.full((self.buffer_size,), -1, dtype=torch.long, device=x.device)
+        kept = (slot < self.buffer_size).nonzero().squeeze(1)
+        last.scatter_reduce_(0, slot[kept], kept, reduce="amax")
+        slots = (last >= 0).nonzero().squeeze(1)
+        source = last[slots]
+        self.x[slots], self.y[slots], self.task_ids[slots] = x[source], y[source], task.id
         self.seen += n
         self.filled = min(self.seen, self.buffer_size)
 

@@ -38,7 +38,7 @@ def test_result_contents_and_json(tmp_path):
     assert r.parameter_count == 5 * 200
     assert r.wall_time_s > 0 and r.peak_memory_mb > 0
     assert r.config["epochs"] == 4 and r.config["lr"] == pytest.approx(1e-3 * 5 / 2) and r.config["strategy"] == "l2"
-    assert set(r.metrics) == {"acc", "bwt", "fwt", "forgetting"}
+    assert set(r.metrics) == {"acc", "bwt", "fwt", "forgetting", "forgetting_last"}
     assert r.metrics["acc"] == pytest.approx(R[3].mean())
     assert {"clbench", "torch"} <= set(r.versions)
     path = tmp_path / "r.json"

@@ -27,7 +27,7 @@ def test_avalanche_naive_learns_above_chance(mnist_root):
     torch.manual_seed(0)
     bm = make_stream("split-mnist", root=mnist_root).to_avalanche()
     assert len(bm.train_stream) == 5
-    assert [e.task_label for e in bm.train_stream] == [0, 1, 2, 3, 4]
+    assert [e.task_label for e in bm.train_stream] == [0, 0, 0, 0, 0]  # class-incremental: no task id
     assert sorted(bm.train_stream[2].classes_in_this_experience) == [4, 5]
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32,
@@ -40,6 +40,21 @@ def test_avalanche_naive_learns_above_chance(mnist_root):
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     assert correct / total > 0.8  # two classes: chance is 0.5
+
+
+@pytest.mark.parametrize("name, scenario, labels", [
+    ("permuted-mnist", "domain", [0, 0, 0]),   # as Avalanche's PermutedMNIST
+    ("permuted-mnist", "task", [0, 1, 2]),     # the scenario gives the task id
+    ("split-mnist", "class", [0] * 5),         # as Avalanche's SplitMNIST(return_task_id=False)
+    ("split-mnist", "task", [0, 1, 2, 3, 4]),  # as SplitMNIST(return_task_id=True)
+])
+def test_avalanche_task_labels_follow_avalanches_convention(mnist_root, name, scenario, labels):
+    stream = make_stream(name, scenario=scenario, root=mnist_root, **({"tasks": 3} if "permuted" in name else {}))
+    bm = stream.to_avalanche()
+    for split in (bm.train_stream, bm.test_stream):
+        assert [e.task_label for e in split] == labels
+        assert [sorted(set(e.dataset.targets_task_labels)) for e in split] == [[t] for t in labels]
+    assert [int(ds["train"][0][2]) for ds in stream.to_torch()] == list(range(len(labels)))  # the task index
 
 
 def test_regression_stream_refuses_avalanche(mnist_root):

@@ -83,10 +83,10 @@ def test_kfac_handles_conv_layers_and_accumulates_tasks():
                     TrainDefaults(model="mlp", epochs=1, batch_size=16, lr=0.01))
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 64, 3))
-    strategy = make_strategy("ewc-full", fisher_form="kfac", decay=0.5)
+    strategy = make_strategy("ewc-full", fisher_form="kfac", form="online", decay=0.5)
     result = run(stream, strategy, model=model, device="cpu", progress=False)
     assert np.isfinite(np.array(result.R)).all()
-    form, terms = strategy.importance
+    [((form, terms), _)] = strategy.penalties
     assert form == "kfac" and len(terms) == 2 * 3  # two layers, three tasks
     assert sorted({w for *_, w in terms}) == [0.25, 0.5, 1.0]
     conv_A = terms[0][1]

@@ -40,6 +40,16 @@ def test_forgetting_matrix_and_final():
     assert metrics.forgetting(R) == pytest.approx((0.30 - 0.05) / 2)
 
 
+def test_forgetting_last_differs_from_chaudhry_when_a_task_peaks_later():
+    # task 1 is learned to 0.5, improves to 0.9 while training task 2, then falls to 0.6
+    R3 = np.array([[0.1, 0.1, 0.1], [0.5, 0.2, 0.1], [0.9, 0.8, 0.3], [0.6, 0.7, 0.9]])
+    assert metrics.forgetting(R3) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.7)) / 2)  # from the best earlier row
+    assert metrics.forgetting_last(R3) == pytest.approx(((0.5 - 0.6) + (0.8 - 0.7)) / 2)  # from R[j,j]
+    assert metrics.forgetting_last(R3) == pytest.approx(-metrics.bwt(R3))
+    assert metrics.summary(R3)["forgetting_last"] == metrics.forgetting_last(R3)
+    assert math.isnan(metrics.forgetting_last(np.array([[0.1], [0.9]])))
+
+
 def test_transfer_matrix():
     X = metrics.transfer_matrix(R)
     assert X[0, 0] == pytest.approx(0.0)
