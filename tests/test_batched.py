@@ -48,15 +48,26 @@ def test_finetune_and_joint_exact_mode():
 
 def test_l2_and_ewc_diag_with_different_strengths():
     check("l2", [{"strength": s} for s in (0.01, 0.1, 1.0)])
-    check("ewc-diag", [{"strength": s} for s in (0.1, 1.0, 10.0)], tasks=3)
+    check("ewc-diag", [{"strength": s, "form": "online", "decay": d} for s, d in ((0.1, 1.0), (1.0, 0.5), (10.0, 1.0))],
+          tasks=3)
+    check("ewc-diag", [{"strength": s} for s in (0.1, 1.0, 10.0)])  # per-task: batched on two tasks
+
+
+def test_per_task_ewc_on_more_than_two_tasks_runs_unbatched():
+    stream = small_ts(0.5, 0.5, 0, tasks=3)
+    assert "per-task EWC" in batchable(stream, make_strategy("ewc-diag"))
+    assert batchable(stream, make_strategy("ewc-diag", form="online")) is None
+    assert batchable(small_ts(0.5, 0.5, 0), make_strategy("ewc-full")) is None
+    assert "anchor_initial" in batchable(stream, make_strategy("l2", anchor_initial=True))
 
 
 def test_ewc_full_exact_and_kfac():
     # linear student: the factored exact Fisher computed in batch; MLP: each member's own Fisher, stacked
-    check("ewc-full", [{"strength": s} for s in (0.1, 1.0, 10.0)], tasks=3)
+    online = {"form": "online"}
+    check("ewc-full", [{"strength": s, **online} for s in (0.1, 1.0, 10.0)], tasks=3)
     mlp = dict(model_name="mlp", model_args={"widths": (8,)}, stream_kw={"mode": "sampled", "samples": 100}, epochs=3)
-    check("ewc-full", [{"strength": s, "fisher_samples": 20} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
-    check("ewc-diag", [{"strength": s} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
+    check("ewc-full", [{"strength": s, "fisher_samples": 20, **online} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
+    check("ewc-diag", [{"strength": s, **online} for s in (0.1, 1.0, 10.0)], tasks=3, **mlp)
     check("ewc-full", [{"strength": s, "fisher_form": "kfac"} for s in (0.1, 1.0, 10.0)],
           model_name="mlp", model_args={"widths": (16,)}, stream_kw={"mode": "sampled", "samples": 200}, epochs=3)
 
