@@ -548,8 +548,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.stream is None and args.strategy is None and not (args.stream_arg or args.strategy_arg):
-        return _demo(args)
+    if not (args.stream or args.strategy or args.model or args.stream_arg or args.strategy_arg or args.model_arg):
+        return _demo(args)  # nothing chosen: the demo (a --model-arg alone means a single run, checked as one)
     return _single_run(args)
 
 

@@ -280,6 +280,11 @@ def test_bad_training_and_model_arguments_are_one_line(clb, fresh_registry, tmp_
     one_line_error(code, err, message)
 
 
+def test_a_model_argument_alone_is_checked_as_a_single_run_not_ignored_by_the_demo(clb):
+    code, _, err = clb("run", "--model-arg", "widths=(400,", "--quiet")
+    one_line_error(code, err, "'(400,' is not a valid value")
+
+
 def test_more_samples_than_there_are_is_a_warning_that_says_what_was_used(clb, tmp_path, fashion_root):
     code, out, err = clb("run", "--stream", "permuted-fashion-mnist", "--stream-arg", f"root={fashion_root}",
                          "--stream-arg", "tasks=1", "--stream-arg", "train_samples=1000000", "--device", "cpu",
