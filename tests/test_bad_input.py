@@ -280,7 +280,7 @@ def test_bad_training_and_model_arguments_are_one_line(clb, fresh_registry, tmp_
     one_line_error(code, err, message)
 
 
-def test_a_model_argument_alone_is_checked_as_a_single_run_not_ignored_by_the_demo(clb):
+def test_model_arguments_alone_are_a_single_run_not_the_demo_that_would_ignore_them(clb):
     code, _, err = clb("run", "--model-arg", "widths=(400,", "--quiet")
     one_line_error(code, err, "'(400,' is not a valid value")
 
@@ -539,6 +539,13 @@ def test_sweep_workers_exit_when_the_sweep_is_killed(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         sweep_proc.stderr.close()
+
+
+def test_sweep_workers_that_watch_their_parent_still_finish_a_sweep(cli, tmp_path):
+    code, out, err = cli(*SWEEP, "--jobs", "2", "--store", str(tmp_path / "store"))
+    assert code == 0 and "2 cells, ran 2, skipped 0" in out, err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "store").glob("*.json")]
+    assert len({r["worker"]["pid"] for r in records} - {os.getpid()}) >= 1  # ran in worker processes
 
 
 class _Terminal(io.StringIO):
