@@ -787,11 +787,9 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
                plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> Iterator[tuple]:
     """run_cells, yielding each (cell, record, error) as soon as it is known, so that a sweep stores every
     finished run before the next one starts (a killed sweep loses only the runs in flight)."""
-    import socket
-
     import clbench
-    from clbench.registry import arguments, load_plugin, lookup
-    from clbench.sweep import cell_id, run_cell
+    from clbench.registry import load_plugin
+    from clbench.sweep import cell_record, cell_stream, cell_stream_args, run_cell
 
     for plugin in plugins:
         load_plugin(plugin)
@@ -800,17 +798,10 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
     streams: dict[str, Stream] = {}
     members, single = [], []
     for cell in cells:
-        stream_args = dict(cell["stream_args"])
-        if "seed" in arguments(lookup("stream", cell["stream"])):
-            stream_args.setdefault("seed", cell["seed"])
         try:
-            key = json.dumps([cell["stream"], stream_args, cell.get("split")], sort_keys=True, default=str)
+            key = json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
             if key not in streams:  # cells on the same stream share its data
-                streams[key] = clbench.make_stream(cell["stream"], **stream_args)
-                if cell.get("split"):  # a suite's validation or task-range split, as run_cell applies it
-                    from clbench.suite import split_stream
-
-                    streams[key] = split_stream(streams[key], cell["split"])
+                streams[key] = cell_stream(cell)
             strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
         except Exception as e:  # noqa: BLE001  (reported per cell, as run_cell's errors are)
             yield cell, None, e
@@ -834,10 +825,7 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
             if isinstance(result, Exception):
                 yield cell, None, result
                 continue
-            record = result.to_dict()
-            record.update(id=cell_id(cell), cell=cell, git_commit=commit,
-                          worker={"executor": "local", "host": socket.gethostname(), "pid": os.getpid()})
-            yield cell, record, None
+            yield cell, cell_record(result, cell, commit, "local"), None
     for cell in single:
         try:
             record = run_cell(cell, device, commit=commit)

@@ -152,34 +152,54 @@ def git_commit() -> str | None:
         return None
 
 
+def cell_stream_args(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell's stream arguments, seeded by the cell's seed unless they give one."""
+    from clbench.registry import arguments, lookup
+
+    stream_args = dict(cell["stream_args"])
+    if "seed" in arguments(lookup("stream", cell["stream"])):
+        stream_args.setdefault("seed", cell["seed"])
+    return stream_args
+
+
+def cell_stream(cell: dict[str, Any]):
+    """The stream a cell runs on: built from its arguments, then a suite's validation or task-range split."""
+    import clbench
+
+    stream = clbench.make_stream(cell["stream"], **cell_stream_args(cell))
+    if cell.get("split"):  # clbench.suite
+        from clbench.suite import split_stream
+
+        stream = split_stream(stream, cell["split"])
+    return stream
+
+
+def cell_record(result: Any, cell: dict[str, Any], commit: str | None, executor: str) -> dict[str, Any]:
+    """What the store keeps of a cell's result: the result, its id and cell, the commit and the worker."""
+    record = result.to_dict()
+    record.update(id=cell_id(cell), cell=cell, git_commit=commit,
+                  worker={"executor": executor, "host": socket.gethostname(), "pid": os.getpid()})
+    return record
+
+
 def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, commit: str | None = None,
              executor: str = "local", plugins: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run one cell and return its record (the caller stores it). Runs in worker processes and Ray tasks too."""
     import torch
 
     import clbench
-    from clbench.registry import arguments, load_plugin, lookup
+    from clbench.registry import load_plugin
 
     for plugin in plugins:  # a fresh worker knows only the built-in names
         load_plugin(plugin)
     if threads:
         torch.set_num_threads(threads)
-    stream_args = dict(cell["stream_args"])
-    if "seed" in arguments(lookup("stream", cell["stream"])):
-        stream_args.setdefault("seed", cell["seed"])
     with quiet():  # the sweep's own bar reports progress
-        stream = clbench.make_stream(cell["stream"], **stream_args)
-        if cell.get("split"):  # a suite's validation or task-range split (clbench.suite)
-            from clbench.suite import split_stream
-
-            stream = split_stream(stream, cell["split"])
+        stream = cell_stream(cell)
         strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
         result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
                              device=device, seed=cell["seed"], progress=False, config={"cell": cell})
-    record = result.to_dict()
-    record.update(id=cell_id(cell), cell=cell, git_commit=commit,
-                  worker={"executor": executor, "host": socket.gethostname(), "pid": os.getpid()})
-    return record
+    return cell_record(result, cell, commit, executor)
 
 
 Outcome = tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | None"]  # cell, record, error
