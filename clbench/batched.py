@@ -40,7 +40,7 @@ from clbench.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, 
 from clbench.errors import ClbenchError
 from clbench.models import ACTIVATIONS, build_model, count_parameters
 from clbench.strategy import Strategy
-from clbench.types import Stream
+from clbench.types import Stream, Task
 
 ELEMENTWISE = tuple(ACTIVATIONS.values())
 DEFAULT_MEMORY_MB = 2048
@@ -57,6 +57,84 @@ class Member:
 
 
 # --- stacked model --------------------------------------------------------------------------------------------
+
+class _StackedLinear(torch.autograd.Function):
+    """x (B, N, in) times w (B, out, in) transposed, with the weight gradient formed as g^T x (B, out, in), the
+    layout F.linear's backward uses. Autograd through ``bmm(x, w.transpose(1, 2))`` forms x^T g (B, in, out)
+    and transposes it: 2-3x slower for a wide input and a narrow output (the linear student)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.bmm(x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        grad_x = torch.bmm(grad, w) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+@dataclass
+class _Sharing:
+    """Which row of a (V, N, ...) input each of B members reads: members grouped by row, so a row is
+    multiplied by all its members' first-layer weights at once ((N, in) x (in, k * out), one matmul)."""
+
+    rows: list[int]  # member -> row
+    groups: list[tuple[int, slice | torch.Tensor]]  # (row, its members)
+    order: torch.Tensor | None  # member -> position in the groups' concatenation (None: the same)
+
+    @staticmethod
+    def of(rows: list[int], device: torch.device) -> "_Sharing | None":
+        """None when members share too little to gain (fewer than 4 a row on average: the stacked matmul of
+        one row per member is faster then)."""
+        if 4 * len(set(rows)) > len(rows):
+            return None
+        members: dict[int, list[int]] = {}
+        for b, r in enumerate(rows):
+            members.setdefault(r, []).append(b)
+        groups, concatenated = [], []
+        for r, bs in members.items():
+            contiguous = bs == list(range(bs[0], bs[0] + len(bs)))
+            groups.append((r, slice(bs[0], bs[0] + len(bs)) if contiguous else torch.tensor(bs, device=device)))
+            concatenated += bs
+        order = None
+        if concatenated != list(range(len(rows))):
+            order = torch.empty(len(rows), dtype=torch.long, device=device)
+            order[torch.tensor(concatenated, device=device)] = torch.arange(len(rows), device=device)
+        return _Sharing(rows, groups, order)
+
+
+class _SharedLinear(torch.autograd.Function):
+    """Members' first layer on shared inputs: x (V, N, in), w (B, out, in) -> (B, N, out), member b reading
+    row ``sharing.rows[b]`` of x. The input needs no gradient (it is data)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, sharing: _Sharing) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.sharing = sharing
+        out, n = w.shape[1], x.shape[1]
+        pieces = []
+        for row, members in sharing.groups:
+            wg = w[members]
+            pieces.append((x[row] @ wg.reshape(-1, wg.shape[2]).T).view(n, len(wg), out).transpose(0, 1))
+        y = torch.cat(pieces)
+        return y if sharing.order is None else y[sharing.order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        x, w = ctx.saved_tensors
+        sharing = ctx.sharing
+        pieces = []
+        for row, members in sharing.groups:
+            gg = grad[members]
+            pieces.append((gg.transpose(0, 1).reshape(gg.shape[1], -1).T @ x[row]).view(len(gg), *w.shape[1:]))
+        gw = torch.cat(pieces)
+        if sharing.order is not None:
+            gw = gw[sharing.order]
+        return None, gw, None
+
 
 class _Net:
     """B copies of a Sequential of Flatten / Linear / elementwise activations as stacked (B, ...) leaf tensors."""
@@ -78,18 +156,30 @@ class _Net:
         self.params = [torch.stack([p.detach() for p in group]).requires_grad_(True)
                        for group in zip(*(m.parameters() for m in models))]
 
-    def forward(self, x: torch.Tensor, gates: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """x (B, N, *input) -> (B, N, outputs); ``gates[k]`` (B, in) multiplies the input of Linear k."""
+    def forward(self, x: torch.Tensor, gates: list[torch.Tensor | None] | None = None,
+                sharing: _Sharing | None = None, capture: list | None = None) -> torch.Tensor:
+        """x (B, N, *input) -> (B, N, outputs); ``gates[k]`` (B, in) multiplies the input of Linear k.
+
+        With ``sharing``, x is (V, N, *input) and member b reads row ``sharing.rows[b]`` (members with the
+        same data and batch order); the first Linear layer maps it to (B, N, out). ``capture`` (ungated,
+        unshared calls) receives (Linear index, its input, its output) per Linear layer."""
         for op, arg in self.ops:
             if op == "flatten":
                 x = x.flatten(2)
             elif op == "linear":
-                if gates is not None and gates[arg] is not None:
-                    x = x * gates[arg][:, None, :]
                 w, b = self.linears[arg]
-                x = torch.bmm(x, self.params[w].transpose(1, 2))
+                inputs = x
+                weight = self.params[w]
+                gate = None if gates is None else gates[arg]
+                if sharing is not None:  # a gate on the shared input is folded into the weights
+                    x = _SharedLinear.apply(x, weight if gate is None else weight * gate[:, None, :], sharing)
+                    sharing = None
+                else:
+                    x = _StackedLinear.apply(x if gate is None else x * gate[:, None, :], weight)
                 if b is not None:
                     x = x + self.params[b][:, None, :]
+                if capture is not None:
+                    capture.append((arg, inputs, x))
             else:
                 x = arg(x)
         return x
@@ -121,6 +211,7 @@ class Adapter:
     """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
 
     order_matters = False  # True when the hot loop depends on the order of samples in a batch (replay)
+    member_inputs = False  # True when extra_loss needs every member's batch inputs as (B, N, ...) (replay)
 
     def __init__(self, group: "_Group") -> None:
         self.g = group
@@ -155,7 +246,7 @@ class Adapter:
     def after_step(self) -> None:
         """Called after every optimizer step (SI path integrals)."""
 
-    def bytes_per_member(self, strategy: Strategy, stream: Stream, params: int) -> int:
+    def bytes_per_member(self, strategy: Strategy, stream: Stream, model: nn.Module) -> int:
         return 0
 
 
@@ -172,6 +263,41 @@ def _linear_true_fisher_inputs(g: "_Group", i: int) -> torch.Tensor | None:
         return None
     x, _ = g.full(i)
     return x[:, : min(s[0].fisher_samples, x.shape[1])].flatten(2)
+
+
+def _diagonal_fisher(g: "_Group", i: int, batch_size: int = 512) -> torch.Tensor | None:
+    """fisher.diagonal (true or empirical) of task i for every member, (B, P), on the stacked model: the
+    squared per-sample gradient of Linear k is (g_n^2)(a_n^2)^T, with a_n its input and g_n the gradient at
+    its output, one backward pass per class (true, cross-entropy) or output unit (true, MSE). None when the
+    members differ in fisher_samples."""
+    s = [m.strategy for m in g.members]
+    if len({x.fisher_samples for x in s}) != 1:
+        return None
+    kind, d = s[0].fisher_kind, g.data[i]
+    n = min(s[0].fisher_samples, d["train_x"].shape[1])
+    diag = [torch.zeros_like(p) for p in g.net.params]
+    for start in range(0, n, batch_size):
+        part = slice(start, min(start + batch_size, n))
+        captured: list = []
+        out = g.predict(g.member_rows(d, "train_x", part), i, capture=captured).float()
+        if kind == "empirical":
+            y = d["train_y"][:, part]
+            losses = [(-torch.log_softmax(out, 2).gather(2, y[..., None]).sum() if g.loss_kind == "ce"
+                       else 0.5 * ((out - y) ** 2).sum(), None)]
+        elif g.loss_kind == "ce":  # rows sqrt(p_c) grad log p_c
+            log_p = torch.log_softmax(out, 2)
+            losses = [(log_p[..., c].sum(), log_p[..., c].detach().exp()) for c in range(out.shape[2])]
+        else:  # Gaussian: rows are the output Jacobian
+            losses = [(out[..., k].sum(), None) for k in range(out.shape[2])]
+        for loss_index, (loss, weight) in enumerate(losses):
+            grads = torch.autograd.grad(loss, [o for _, _, o in captured], retain_graph=loss_index + 1 < len(losses))
+            for (layer, a, _), grad in zip(captured, grads):
+                g2 = grad.float() ** 2 if weight is None else grad.float() ** 2 * weight[..., None]
+                w, b = g.net.linears[layer]
+                diag[w] += torch.bmm(g2.transpose(1, 2), a.detach().float() ** 2)
+                if b is not None:
+                    diag[b] += g2.sum(1)
+    return torch.cat([t.reshape(g.B, -1) for t in diag], 1) / n
 
 
 class L2Adapter(Adapter):
@@ -203,13 +329,17 @@ class EWCDiagAdapter(L2Adapter):
         return 0.5 * self.strength * (self.importance * d * d).sum(1)
 
     def after_task(self, i: int) -> bool:
-        """Diagonal true Fisher of one bias-free Linear layer under MSE for all members at once: entry
-        (k, j) is mean_n x_nj^2 for every output k. Any other case runs the members' own after_task."""
+        """The diagonal Fisher of task i for all members at once: for one bias-free Linear layer under MSE
+        (true Fisher) entry (k, j) is mean_n x_nj^2 for every output k; for any stacked MLP the per-sample
+        outer products of fisher.diagonal. Members with different fisher_samples run their own after_task."""
         X = _linear_true_fisher_inputs(self.g, i)
-        if X is None:
-            return False
-        out = self.g.net.params[0].shape[1]
-        new = (X * X).mean(1)[:, None, :].expand(-1, out, -1).reshape(self.g.B, -1)
+        if X is not None:
+            out = self.g.net.params[0].shape[1]
+            new = (X * X).mean(1)[:, None, :].expand(-1, out, -1).reshape(self.g.B, -1)
+        else:
+            new = _diagonal_fisher(self.g, i)
+            if new is None:
+                return False
         s = [m.strategy for m in self.g.members]
         decay = _numbers(self.g.members, "decay", self.g.dev)
         importance = new if s[0].importance is None else decay[:, None] * torch.stack([x.importance for x in s]) + new
@@ -218,8 +348,8 @@ class EWCDiagAdapter(L2Adapter):
             x.importance, x.anchor = importance[b], anchor[b]
         return True
 
-    def bytes_per_member(self, strategy, stream, params):
-        return 3 * params * 4
+    def bytes_per_member(self, strategy, stream, model):
+        return 3 * count_parameters(model) * 4
 
 
 class _BatchedKronecker(torch.autograd.Function):
@@ -302,7 +432,7 @@ class EWCFullAdapter(EWCDiagAdapter):
             return None
         if self.factor is not None:
             dW = self.g.net.params[0] - self.anchor.view_as(self.g.net.params[0])
-            return 0.5 * self.strength * torch.bmm(self.factor, dW.transpose(1, 2)).pow(2).flatten(1).sum(1)
+            return 0.5 * self.strength * _StackedLinear.apply(self.factor, dW).pow(2).flatten(1).sum(1)
         if self.form == "rows":
             d = self.g.net.flat() - self.anchor
             return 0.5 * self.strength * torch.bmm(self.importance, d[:, :, None]).pow(2).flatten(1).sum(1)
@@ -322,9 +452,13 @@ class EWCFullAdapter(EWCDiagAdapter):
             total = total + weight * _BatchedKronecker.apply(dW, A, G)
         return 0.5 * self.strength * total
 
-    def bytes_per_member(self, strategy, stream, params):
-        task = stream.tasks[0]
-        rows = min(strategy.fisher_samples, len(task.train_x)) * stream.num_outputs * len(stream.tasks)
+    def bytes_per_member(self, strategy, stream, model):
+        params, samples = count_parameters(model), min(strategy.fisher_samples, len(stream.tasks[0].train_x))
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        if (stream.loss == "mse" and strategy.fisher_kind == "true" and len(linears) == 1
+                and linears[0].bias is None and strategy.fisher_form != "kfac"):  # factored: inputs only
+            return 3 * params * 4 + samples * len(stream.tasks) * linears[0].in_features * 4
+        rows = samples * stream.num_outputs * len(stream.tasks)
         return 3 * params * 4 + 2 * min(rows, params) * params * 4
 
 
@@ -356,8 +490,8 @@ class SIAdapter(Adapter):
         self.path -= grads * (current - self.previous)
         self.previous = current
 
-    def bytes_per_member(self, strategy, stream, params):
-        return 6 * params * 4
+    def bytes_per_member(self, strategy, stream, model):
+        return 6 * count_parameters(model) * 4
 
 
 class ActivityGatingAdapter(Adapter):
@@ -388,7 +522,7 @@ class PlasticityGatingAdapter(Adapter):
 class ReplayAdapter(Adapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
 
-    order_matters = True
+    order_matters = member_inputs = True
 
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
@@ -445,7 +579,7 @@ class ReplayAdapter(Adapter):
         for m in self.g.members:
             m.strategy.seen = self.seen
 
-    def bytes_per_member(self, strategy, stream, params):
+    def bytes_per_member(self, strategy, stream, model):
         task = stream.tasks[0]
         return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4
 
@@ -486,32 +620,60 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
 
 # --- one batch --------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int
+                     ) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Task j's (train, test) inputs after the task transform, once per distinct content, and each member's
+    row among them: members of a (rho_a, rho_b) grid with one seed and rho_a hold equal inputs in separate
+    streams, a strength sweep's members of one seed the same stream."""
+    rows: list[int] = []
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    by_object: dict[int, int] = {}
+    by_fingerprint: dict[tuple, list[int]] = {}
+    for b, member in enumerate(members):
+        key = id(member.stream.tasks[j])
+        if key not in by_object:
+            task = tasks[b][j]
+            pair = (task.inputs(task.train_x), task.inputs(task.test_x))
+            fingerprint = tuple((tuple(x.shape), float(x.sum(dtype=torch.float64))) for x in pair)
+            same = [r for r in by_fingerprint.get(fingerprint, [])
+                    if all(torch.equal(a, c) for a, c in zip(inputs[r], pair))]
+            if same:
+                by_object[key] = same[0]
+            else:
+                by_object[key] = len(inputs)
+                by_fingerprint.setdefault(fingerprint, []).append(len(inputs))
+                inputs.append(pair)
+        rows.append(by_object[key])
+    return rows, inputs
+
+
 class _Group:
     """B compatible members: stacked model, stacked data, per-member generators and RNG streams."""
 
     def __init__(self, members: list[Member], models: list[nn.Module], dev: torch.device) -> None:
-        self.members, self.B, self.dev = members, len(members), dev
-        self.net = _Net(models)
-        self.tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
+        self.B, self.dev = len(members), dev
+        tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
+        distinct = [_distinct_inputs(members, tasks, j) for j in range(len(tasks[0]))]
+        # members that share inputs side by side, so each set's stacked weights are one contiguous slice
+        self.order = sorted(range(self.B), key=lambda b: [rows[b] for rows, _ in distinct])
+        self.members = [members[b] for b in self.order]
+        self.models = [models[b] for b in self.order]
+        self.tasks = [tasks[b] for b in self.order]
+        self.net = _Net(self.models)
         self.loss_kind = members[0].stream.loss
-        self.rng_states: list[tuple] = [None] * self.B  # set by the caller after setup
-        self.data = [self._stack(j) for j in range(len(self.tasks[0]))]
+        self.rng_states: list[tuple] = [m._rng for m in self.members]
+        self.data = [self._stack(j, [rows[b] for b in self.order], inputs)
+                     for j, (rows, inputs) in enumerate(distinct)]
 
-    def _stack(self, j: int) -> dict[str, torch.Tensor | None]:
-        """Inputs after the task transform, shared between members that hold the same task object."""
-        originals = [m.stream.tasks[j] for m in self.members]
-        unique: dict[int, int] = {}
-        for t in originals:
-            unique.setdefault(id(t), len(unique))
-        which = torch.tensor([unique[id(t)] for t in originals], device=self.dev)
-        firsts = {unique[id(t)]: b for b, t in reversed(list(enumerate(originals)))}
-        order = [firsts[u] for u in range(len(unique))]
+    def _stack(self, j: int, rows: list[int], inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """Task j's distinct inputs (see _distinct_inputs) stacked; targets and heads per member."""
         with torch.no_grad():
-            out = {"which": which}
-            for split in ("train", "test"):
-                out[f"{split}_x"] = torch.stack([self.tasks[b][j].inputs(getattr(self.tasks[b][j], f"{split}_x"))
-                                                 for b in order])
-                out[f"{split}_y"] = torch.stack([getattr(self.tasks[b][j], f"{split}_y") for b in order])
+            out: dict[str, Any] = {
+                "rows": rows, "sharing": _Sharing.of(rows, self.dev),
+                "train_x": torch.stack([x for x, _ in inputs]), "test_x": torch.stack([x for _, x in inputs]),
+                "train_y": torch.stack([self.tasks[b][j].train_y for b in range(self.B)]),
+                "test_y": torch.stack([self.tasks[b][j].test_y for b in range(self.B)])}
         heads = [self.tasks[b][j].head for b in range(self.B)]
         out["head"] = None if heads[0] is None else torch.stack(heads)
         return out
@@ -520,10 +682,14 @@ class _Group:
         """Every member's whole training set of task j, (B, n, ...) (cached)."""
         d = self.data[j]
         if "full" not in d:
-            same = len(d["which"]) == len(d["train_x"]) and bool((d["which"] == torch.arange(
-                self.B, device=self.dev)).all())
-            d["full"] = (d["train_x"], d["train_y"]) if same else (d["train_x"][d["which"]], d["train_y"][d["which"]])
+            d["full"] = (self.member_rows(d, "train_x"), d["train_y"])
         return d["full"]
+
+    def member_rows(self, d: dict[str, Any], key: str, part: slice = slice(None)) -> torch.Tensor:
+        """d[key] (distinct inputs) as one row per member, (B, N, ...); the stored tensor itself when it is."""
+        if d["rows"] == list(range(self.B)):
+            return d[key][:, part]
+        return d[key][torch.tensor(d["rows"], device=self.dev), part]
 
     @contextlib.contextmanager
     def rng(self, b: int) -> Iterator[None]:
@@ -538,8 +704,9 @@ class _Group:
             self.rng_states[b] = (torch.get_rng_state(),
                                   torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None)
 
-    def predict(self, x: torch.Tensor, j: int, gates=None) -> torch.Tensor:
-        out = self.net.forward(x, self.adapter.gates(j) if gates is None else gates)
+    def predict(self, x: torch.Tensor, j: int, gates=None, sharing: _Sharing | None = None,
+                capture: list | None = None) -> torch.Tensor:
+        out = self.net.forward(x, self.adapter.gates(j) if gates is None else gates, sharing, capture)
         head = self.data[j]["head"]
         if head is None:
             return out
@@ -559,9 +726,10 @@ class _Group:
             total = torch.zeros(self.B, device=self.dev, dtype=torch.float64)
             n = d["test_x"].shape[1]
             for start in range(0, n, 2048):
-                x = d["test_x"][d["which"], start:start + 2048]
-                y = d["test_y"][d["which"], start:start + 2048]
-                pred = self.predict(x, j, gates)
+                part = slice(start, start + 2048)
+                x = d["test_x"][:, part] if d["sharing"] is not None else self.member_rows(d, "test_x", part)
+                pred = self.predict(x, j, gates, d["sharing"])
+                y = d["test_y"][:, part]
                 total += ((pred.argmax(2) == y).sum(1) if self.loss_kind == "ce"
                           else ((pred - y) ** 2).mean(2).sum(1))
             row.append(total / max(n, 1))
@@ -573,6 +741,23 @@ class _Group:
         self.net.load(b, strategy.model)
         with self.rng(b):
             return getattr(strategy, name)(*args)
+
+
+def _batch_sharing(rows: list[int], seeds: list[int], dev: torch.device) -> dict[str, Any]:
+    """Members with the same input row and seed draw the same batch order (their generators are seeded
+    alike and drawn in lockstep), so each such set reads one gathered batch."""
+    keys: dict[tuple[int, int], int] = {}
+    first, batch_of = [], []
+    for b, key in enumerate(zip(rows, seeds)):
+        if key not in keys:
+            keys[key] = len(first)
+            first.append(b)
+        batch_of.append(keys[key])
+    sharing = _Sharing.of(batch_of, dev)
+    if sharing is None:  # too little to share: one gathered batch per member
+        first = list(range(len(rows)))
+    return {"first": torch.tensor(first, device=dev), "rows": torch.tensor([rows[b] for b in first], device=dev),
+            "sharing": sharing}
 
 
 def _signature(member: Member, model: nn.Module) -> str:
@@ -628,7 +813,7 @@ def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], 
     chunk, used, seen_tasks = [], 0.0, set()
     for k in indices:
         m, params = members[k], count_parameters(models[k])
-        cost = 8 * params * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, params)
+        cost = 8 * params * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, models[k])
         for t in m.stream.tasks:
             if id(t) not in seen_tasks:
                 seen_tasks.add(id(t))
@@ -644,12 +829,13 @@ def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], 
 
 def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device) -> list[Result | ClbenchError]:
     g = _Group(members, models, dev)
-    g.rng_states = [m._rng for m in members]
+    members, models, group_order = g.members, g.models, g.order  # in the group's order from here on
     g.adapter = adapter = adapter_for(members[0].strategy)(g)
     B, T = g.B, len(g.tasks[0])
     stream0, settings = members[0].stream, members[0].strategy.settings()
     bs = settings["batch_size"]
     generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
+    all_full = not adapter.order_matters and all(bs >= d["train_x"].shape[1] for d in g.data)
     raw = np.full((B, T + 1, T), np.nan)
     curves: list[list[list[float]]] = [[] for _ in range(B)]
     failed: dict[int, ClbenchError] = {}
@@ -681,23 +867,33 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         optimizer = make_optimizer(settings["optimizer"], g.net.params, settings["lr"])
         steps = max(math.ceil(g.data[t]["train_x"].shape[1] / bs) for t in train_on)
         gates = {t: adapter.gates(t) for t in train_on}
+        batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
+        for curve in curves:
+            curve.append([])  # one list of epoch losses per task, as the engine records
         for epoch in range(settings["epochs"]):
-            orders = {t: torch.stack([torch.randperm(g.data[t]["train_x"].shape[1], device=dev, generator=gen)
-                                      for gen in generators]) for t in train_on}
+            # the generators serve batch orders only: with every task of the stream full batch, no order is read
+            orders = {t: None if all_full else torch.stack([
+                torch.randperm(g.data[t]["train_x"].shape[1], device=dev, generator=gen) for gen in generators])
+                for t in train_on}
             epoch_loss = torch.zeros(B, device=dev)
             for step in range(steps):
                 loss = torch.zeros(B, device=dev)
                 for t in train_on:
                     d, order = g.data[t], orders[t]
-                    if bs >= order.shape[1] and not adapter.order_matters:
+                    if bs >= d["train_x"].shape[1] and not adapter.order_matters:
                         # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
                         # order, so skip the gather (sums differ from the engine's in rounding only)
-                        x, y = g.full(t)
+                        x, y = (d["train_x"], d["train_y"]) if d["sharing"] is not None else g.full(t)
+                        sharing = d["sharing"]
                     else:
                         idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
-                        x = d["train_x"][d["which"][:, None], idx]
-                        y = d["train_y"][d["which"][:, None], idx]
-                    loss = loss + g.per_sample_loss(g.predict(x, t, gates[t]), y).mean(1)
+                        batch = batches[t]  # members with the same data and seed draw the same batches
+                        x = d["train_x"][batch["rows"][:, None], idx[batch["first"]]]
+                        y = d["train_y"][torch.arange(B, device=dev)[:, None], idx]
+                        sharing = batch["sharing"]
+                    if sharing is not None and adapter.member_inputs:
+                        x, sharing = x[torch.tensor(sharing.rows, device=dev)], None
+                    loss = loss + g.per_sample_loss(g.predict(x, t, gates[t], sharing), y).mean(1)
                     penalty = adapter.penalty()
                     if penalty is not None:
                         loss = loss + penalty
@@ -711,7 +907,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 epoch_loss += loss.detach()
             mean_loss = (epoch_loss / steps).tolist()
             for b in range(B):
-                curves[b].append(mean_loss[b])
+                curves[b][-1].append(mean_loss[b])
                 if b not in failed and not math.isfinite(mean_loss[b]):
                     failed[b] = TrainingDiverged(
                         f"training loss became {mean_loss[b]} on task {i + 1}, epoch {epoch + 1} "
@@ -732,7 +928,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         adapter.finish()
     for b in range(B):
         g.net.load(b, members[b].strategy.model)
-    return [failed[b] if b in failed else result(b, complete=True) for b in range(B)]
+    results = [failed[b] if b in failed else result(b, complete=True) for b in range(B)]
+    return [results[group_order.index(k)] for k in range(B)]  # back in the caller's order
 
 
 # --- sweeps -----------------------------------------------------------------------------------------------------
