@@ -635,7 +635,8 @@ def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int
         if key not in by_object:
             task = tasks[b][j]
             pair = (task.inputs(task.train_x), task.inputs(task.test_x))
-            fingerprint = tuple((tuple(x.shape), float(x.sum(dtype=torch.float64))) for x in pair)
+            # a cheap fingerprint (a strided sample); equal ones are then compared in full
+            fingerprint = tuple((tuple(x.shape), float(x.flatten()[::97].sum(dtype=torch.float64))) for x in pair)
             same = [r for r in by_fingerprint.get(fingerprint, [])
                     if all(torch.equal(a, c) for a, c in zip(inputs[r], pair))]
             if same:
