@@ -16,7 +16,7 @@ member's own strategy object, whose model is loaded with the member's weights
 first; a small per-strategy adapter (``ADAPTERS``) then stacks what the hot loop
 needs (anchors, importances, gates, masks) and implements the penalty, gating,
 gradient masks, path integrals or replay in batched form. A strategy without an
-adapter (l2p, iru, lwf, user strategies) or a model of another kind is not
+adapter (l2p, iru, user strategies) or a model of another kind is not
 batchable: :func:`batchable` says why, and callers run it with ``clbench.run``.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from clbench import metrics
 from clbench.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, _scores, make_optimizer, resolve_device,
                             versions)
 from clbench.errors import ClbenchError
+from clbench.fisher import fisher_losses
 from clbench.models import ACTIVATIONS, build_model, count_parameters
 from clbench.strategy import Strategy
 from clbench.types import Stream, Task
@@ -237,7 +238,10 @@ class Adapter:
     def penalty(self) -> torch.Tensor | None:
         return None
 
-    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor) -> torch.Tensor:
+    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor, outputs: torch.Tensor,
+                   sharing: _Sharing | None) -> torch.Tensor:
+        """loss plus any term on the batch (x, y) of task t; ``outputs`` are all output units (B, N, outputs)
+        of the members for x (read with ``sharing``)."""
         return loss
 
     def after_backward(self) -> None:
@@ -268,8 +272,7 @@ def _linear_true_fisher_inputs(g: "_Group", i: int) -> torch.Tensor | None:
 def _diagonal_fisher(g: "_Group", i: int, batch_size: int = 512) -> torch.Tensor | None:
     """fisher.diagonal (true or empirical) of task i for every member, (B, P), on the stacked model: the
     squared per-sample gradient of Linear k is (g_n^2)(a_n^2)^T, with a_n its input and g_n the gradient at
-    its output, one backward pass per class (true, cross-entropy) or output unit (true, MSE). None when the
-    members differ in fisher_samples."""
+    its output (see fisher.fisher_losses). None when the members differ in fisher_samples."""
     s = [m.strategy for m in g.members]
     if len({x.fisher_samples for x in s}) != 1:
         return None
@@ -280,15 +283,7 @@ def _diagonal_fisher(g: "_Group", i: int, batch_size: int = 512) -> torch.Tensor
         part = slice(start, min(start + batch_size, n))
         captured: list = []
         out = g.predict(g.member_rows(d, "train_x", part), i, capture=captured).float()
-        if kind == "empirical":
-            y = d["train_y"][:, part]
-            losses = [(-torch.log_softmax(out, 2).gather(2, y[..., None]).sum() if g.loss_kind == "ce"
-                       else 0.5 * ((out - y) ** 2).sum(), None)]
-        elif g.loss_kind == "ce":  # rows sqrt(p_c) grad log p_c
-            log_p = torch.log_softmax(out, 2)
-            losses = [(log_p[..., c].sum(), log_p[..., c].detach().exp()) for c in range(out.shape[2])]
-        else:  # Gaussian: rows are the output Jacobian
-            losses = [(out[..., k].sum(), None) for k in range(out.shape[2])]
+        losses = fisher_losses(out, d["train_y"][:, part], kind, g.loss_kind)
         for loss_index, (loss, weight) in enumerate(losses):
             grads = torch.autograd.grad(loss, [o for _, _, o in captured], retain_graph=loss_index + 1 < len(losses))
             for (layer, a, _), grad in zip(captured, grads):
@@ -534,7 +529,7 @@ class ReplayAdapter(Adapter):
             self.filled = self.seen = 0
             self.size = self.g.members[0].strategy.buffer_size
 
-    def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor) -> torch.Tensor:
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
         g, B, dev = self.g, self.g.B, self.g.dev
         picks = slots = None
         n, k = x.shape[1], 0
@@ -584,13 +579,51 @@ class ReplayAdapter(Adapter):
         return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4
 
 
+class LwFAdapter(Adapter):
+    """The members' frozen previous models (their own after_task copies them) stacked; the distillation term
+    of strategies/lwf.py per member, with its own alpha and temperature."""
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.t_squared,)
+
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.old = None if s[0].old is None else _Net([x.old for x in s])
+        for p in self.old.params if self.old is not None else []:
+            p.requires_grad_(False)
+        if self.old is not None and any(x.seen_units != s[0].seen_units for x in s):
+            raise ClbenchError("batched lwf members have seen different output units; run them unbatched")
+        self.units = torch.tensor(s[0].seen_units, device=self.g.dev)
+        self.alpha = _numbers(self.g.members, "alpha", self.g.dev)
+        self.temperature = _numbers(self.g.members, "temperature", self.g.dev)[:, None, None]
+
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
+        if self.old is None:
+            return loss
+        with torch.no_grad():
+            old = self.old.forward(x, None, sharing).index_select(2, self.units)
+        new = outputs.index_select(2, self.units)
+        if self.g.loss_kind == "mse":
+            return loss + self.alpha * (new - old).pow(2).flatten(1).mean(1)
+        T = self.temperature
+        log_old, log_new = F.log_softmax(old / T, 2), F.log_softmax(new / T, 2)
+        distill = (log_old.exp() * (log_old - log_new)).sum(2).mean(1)  # KL, batchmean, per member
+        weight = self.temperature[:, 0, 0] ** 2 if self.g.members[0].strategy.t_squared else 1.0
+        return loss + self.alpha * weight * distill
+
+    def bytes_per_member(self, strategy, stream, model):
+        return 4 * count_parameters(model) * 4
+
+
 def _adapters() -> dict[type, type[Adapter]]:
-    from clbench.strategies import (ActivityGating, AdaptiveGating, EWCDiag, EWCFull, Finetune, Joint, L2,
+    from clbench.strategies import (ActivityGating, AdaptiveGating, EWCDiag, EWCFull, Finetune, Joint, L2, LwF,
                                     PlasticityGating, Replay, SynapticIntelligence)
 
     return {Finetune: Adapter, Joint: Adapter, L2: L2Adapter, EWCDiag: EWCDiagAdapter, EWCFull: EWCFullAdapter,
             SynapticIntelligence: SIAdapter, ActivityGating: ActivityGatingAdapter,
-            AdaptiveGating: ActivityGatingAdapter, PlasticityGating: PlasticityGatingAdapter, Replay: ReplayAdapter}
+            AdaptiveGating: ActivityGatingAdapter, PlasticityGating: PlasticityGatingAdapter, Replay: ReplayAdapter,
+            LwF: LwFAdapter}
 
 
 ADAPTERS: dict[type, type[Adapter]] = {}  # filled on first use (strategies import the core)
@@ -707,7 +740,10 @@ class _Group:
 
     def predict(self, x: torch.Tensor, j: int, gates=None, sharing: _Sharing | None = None,
                 capture: list | None = None) -> torch.Tensor:
-        out = self.net.forward(x, self.adapter.gates(j) if gates is None else gates, sharing, capture)
+        return self.head(self.net.forward(x, self.adapter.gates(j) if gates is None else gates, sharing, capture), j)
+
+    def head(self, out: torch.Tensor, j: int) -> torch.Tensor:
+        """All output units (B, N, outputs) -> task j's head."""
         head = self.data[j]["head"]
         if head is None:
             return out
@@ -894,11 +930,12 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                         sharing = batch["sharing"]
                     if sharing is not None and adapter.member_inputs:
                         x, sharing = x[torch.tensor(sharing.rows, device=dev)], None
-                    loss = loss + g.per_sample_loss(g.predict(x, t, gates[t], sharing), y).mean(1)
+                    out = g.net.forward(x, gates[t], sharing)
+                    loss = loss + g.per_sample_loss(g.head(out, t), y).mean(1)
                     penalty = adapter.penalty()
                     if penalty is not None:
                         loss = loss + penalty
-                    loss = adapter.extra_loss(x, y, t, loss)
+                    loss = adapter.extra_loss(x, y, t, loss, out, sharing)
                 for p in g.net.params:
                     p.grad = None
                 loss.sum().backward()  # members do not interact: each gets its own loss's gradient

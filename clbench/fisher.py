@@ -126,6 +126,20 @@ def diagonal(strategy, task: Task, samples: int, kind: str = "true") -> torch.Te
     return sum((rows**2).sum(0) for rows in fisher_rows(strategy, task, samples, kind)) / n
 
 
+def fisher_losses(out: torch.Tensor, y: torch.Tensor, kind: str, loss: str
+                  ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Scalars whose per-sample output gradients g_n give the Fisher rows, each with a per-sample weight on
+    g_n^2 (or None), for outputs (..., classes): empirical, the loss at the labels; true cross-entropy, log p_c
+    weighted by p_c, one per class; true MSE (Gaussian), each output unit (the output Jacobian)."""
+    if kind == "empirical":
+        return [(-torch.log_softmax(out, -1).gather(-1, y[..., None]).sum() if loss == "ce"
+                 else 0.5 * ((out - y) ** 2).sum(), None)]
+    if loss == "ce":
+        log_p = torch.log_softmax(out, -1)
+        return [(log_p[..., c].sum(), log_p[..., c].detach().exp()) for c in range(out.shape[-1])]
+    return [(out[..., k].sum(), None) for k in range(out.shape[-1])]
+
+
 def _linear_diagonal(strategy, task: Task, n: int, kind: str, batch_size: int = 512) -> torch.Tensor | None:
     params = [p for p in strategy.model.parameters() if p.requires_grad]
     layers = [m for m in strategy.model.modules() if isinstance(m, nn.Linear)]
@@ -140,15 +154,8 @@ def _linear_diagonal(strategy, task: Task, n: int, kind: str, batch_size: int = 
             out = strategy.predict(x, task).float()
             if any(inputs[m].dim() != 2 for m in layers):
                 return None
-            if kind == "empirical":
-                y = task.train_y[start:min(start + batch_size, n)]
-                losses = [(-torch.log_softmax(out, 1).gather(1, y[:, None]).sum() if strategy.stream.loss == "ce"
-                           else 0.5 * ((out - y) ** 2).sum(), None)]
-            elif strategy.stream.loss == "ce":  # rows sqrt(p_c) grad log p_c, one backward per class
-                log_p = torch.log_softmax(out, 1)
-                losses = [(log_p[:, c].sum(), log_p[:, c].detach().exp()) for c in range(out.shape[1])]
-            else:  # Gaussian: rows are the output Jacobian, one backward per output unit
-                losses = [(out[:, k].sum(), None) for k in range(out.shape[1])]
+            y = task.train_y[start:min(start + batch_size, n)]
+            losses = fisher_losses(out, y, kind, strategy.stream.loss)
             for i, (loss, weight) in enumerate(losses):
                 strategy.model.zero_grad(set_to_none=True)
                 for m in layers:
