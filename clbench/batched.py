@@ -83,8 +83,7 @@ class _Sharing:
     multiplied by all its members' first-layer weights at once ((N, in) x (in, k * out), one matmul)."""
 
     rows: list[int]  # member -> row
-    groups: list[tuple[int, slice | torch.Tensor]]  # (row, its members)
-    order: torch.Tensor | None  # member -> position in the groups' concatenation (None: the same)
+    groups: list[tuple[int, slice | torch.Tensor]]  # (row, its members: a slice where they are contiguous)
 
     @staticmethod
     def of(rows: list[int], device: torch.device) -> "_Sharing | None":
@@ -95,16 +94,9 @@ class _Sharing:
         members: dict[int, list[int]] = {}
         for b, r in enumerate(rows):
             members.setdefault(r, []).append(b)
-        groups, concatenated = [], []
-        for r, bs in members.items():
-            contiguous = bs == list(range(bs[0], bs[0] + len(bs)))
-            groups.append((r, slice(bs[0], bs[0] + len(bs)) if contiguous else torch.tensor(bs, device=device)))
-            concatenated += bs
-        order = None
-        if concatenated != list(range(len(rows))):
-            order = torch.empty(len(rows), dtype=torch.long, device=device)
-            order[torch.tensor(concatenated, device=device)] = torch.arange(len(rows), device=device)
-        return _Sharing(rows, groups, order)
+        groups = [(r, slice(bs[0], bs[0] + len(bs)) if bs == list(range(bs[0], bs[0] + len(bs)))
+                   else torch.tensor(bs, device=device)) for r, bs in members.items()]
+        return _Sharing(rows, groups)
 
 
 class _SharedLinear(torch.autograd.Function):
@@ -115,25 +107,23 @@ class _SharedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, sharing: _Sharing) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.sharing = sharing
-        out, n = w.shape[1], x.shape[1]
-        pieces = []
+        y = x.new_empty(w.shape[0], x.shape[1], w.shape[1])
         for row, members in sharing.groups:
             wg = w[members]
-            pieces.append((x[row] @ wg.reshape(-1, wg.shape[2]).T).view(n, len(wg), out).transpose(0, 1))
-        y = torch.cat(pieces)
-        return y if sharing.order is None else y[sharing.order]
+            y[members] = (x[row] @ wg.reshape(-1, wg.shape[2]).T).view(x.shape[1], len(wg), -1).transpose(0, 1)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
         x, w = ctx.saved_tensors
-        sharing = ctx.sharing
-        pieces = []
-        for row, members in sharing.groups:
-            gg = grad[members]
-            pieces.append((gg.transpose(0, 1).reshape(gg.shape[1], -1).T @ x[row]).view(len(gg), *w.shape[1:]))
-        gw = torch.cat(pieces)
-        if sharing.order is not None:
-            gw = gw[sharing.order]
+        gw = torch.empty_like(w)
+        for row, members in ctx.sharing.groups:
+            gg = grad[members]  # (k, N, out) -> (k out, N), small
+            rows = gg.transpose(1, 2).reshape(-1, gg.shape[1])
+            if isinstance(members, slice):  # written in place: no weight-sized concatenation
+                torch.mm(rows, x[row], out=gw[members].view(-1, w.shape[2]))
+            else:
+                gw[members] = (rows @ x[row]).view(len(gg), *w.shape[1:])
         return None, gw, None
 
 
@@ -186,13 +176,21 @@ class _Net:
         return x
 
     def flat(self) -> torch.Tensor:
-        """(B, P): every member's parameters in ``model.parameters()`` order (differentiable)."""
-        return torch.cat([p.reshape(len(p), -1) for p in self.params], 1)
+        """(B, P): every member's parameters in ``model.parameters()`` order (differentiable; a view of the
+        weights themselves when there is one parameter, e.g. the linear student)."""
+        return _flat(self.params)
 
     @torch.no_grad()
     def load(self, b: int, model: nn.Module) -> None:
         for p, stacked in zip(model.parameters(), self.params):
             p.copy_(stacked[b])
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(B, ...) tensors as (B, total): one reshape (a view) for one tensor, else a concatenation."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(len(tensors[0]), -1)
+    return torch.cat([t.reshape(len(t), -1) for t in tensors], 1)
 
 
 def _model_ok(model: nn.Module) -> str | None:
@@ -212,7 +210,6 @@ class Adapter:
     """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
 
     order_matters = False  # True when the hot loop depends on the order of samples in a batch (replay)
-    member_inputs = False  # True when extra_loss needs every member's batch inputs as (B, N, ...) (replay)
 
     def __init__(self, group: "_Group") -> None:
         self.g = group
@@ -295,6 +292,23 @@ def _diagonal_fisher(g: "_Group", i: int, batch_size: int = 512) -> torch.Tensor
     return torch.cat([t.reshape(g.B, -1) for t in diag], 1) / n
 
 
+class _Quadratic(torch.autograd.Function):
+    """Per member b: sum_j w_bj (theta_bj - anchor_bj)^2 (w = 1 when None), gradient 2 w (theta - anchor):
+    the value and its gradient in a few passes over the (B, P) weights, where autograd would make several."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, anchor: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        d = theta - anchor
+        wd = d if w is None else w * d
+        ctx.save_for_backward(wd)
+        return torch.linalg.vecdot(wd, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (wd,) = ctx.saved_tensors
+        return wd * (2 * grad)[:, None], None, None
+
+
 class L2Adapter(Adapter):
     def refresh(self) -> None:
         s = [m.strategy for m in self.g.members]
@@ -304,7 +318,7 @@ class L2Adapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return 0.5 * self.strength * (self.g.net.flat() - self.anchor).pow(2).sum(1)
+        return 0.5 * self.strength * _Quadratic.apply(self.g.net.flat(), self.anchor, None)
 
 
 class EWCDiagAdapter(L2Adapter):
@@ -320,8 +334,7 @@ class EWCDiagAdapter(L2Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        d = self.g.net.flat() - self.anchor
-        return 0.5 * self.strength * (self.importance * d * d).sum(1)
+        return 0.5 * self.strength * _Quadratic.apply(self.g.net.flat(), self.anchor, self.importance)
 
     def after_task(self, i: int) -> bool:
         """The diagonal Fisher of task i for all members at once: for one bias-free Linear layer under MSE
@@ -474,16 +487,14 @@ class SIAdapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        d = self.g.net.flat() - self.anchor
-        return self.c * (self.omega * d * d).sum(1)
+        return self.c * _Quadratic.apply(self.g.net.flat(), self.anchor, self.omega)
 
     @torch.no_grad()
     def after_step(self) -> None:
         current = self.g.net.flat()
-        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(len(p), -1)
-                           for p in self.g.net.params], 1)
-        self.path -= grads * (current - self.previous)
-        self.previous = current
+        grads = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.g.net.params])
+        self.path.addcmul_(grads, current - self.previous, value=-1.0)
+        self.previous.copy_(current)  # current may be a view of the live weights
 
     def bytes_per_member(self, strategy, stream, model):
         return 6 * count_parameters(model) * 4
@@ -517,7 +528,7 @@ class PlasticityGatingAdapter(Adapter):
 class ReplayAdapter(Adapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
 
-    order_matters = member_inputs = True
+    order_matters = True
 
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
@@ -537,13 +548,17 @@ class ReplayAdapter(Adapter):
             k = min(g.members[0].strategy.replay_batch_size or n, self.filled)
         index = torch.arange(self.seen, self.seen + n, device=dev)
         with torch.no_grad():
-            p_list, s_list = [], []
+            p_list, s_list, drawn = [], [], {}
             for b in range(B):
-                with g.rng(b):
-                    if k:
-                        p_list.append(torch.randint(0, self.filled, (k,), device=dev))
-                    s_list.append(torch.where(index < self.size, index,
-                                              (torch.rand(n, device=dev) * (index + 1)).long()))
+                key = g.rng_key(b)
+                if key not in drawn:  # members whose random streams are equal draw alike: draw once
+                    with g.rng(b):
+                        picks = torch.randint(0, self.filled, (k,), device=dev) if k else None
+                        slots = torch.where(index < self.size, index, (torch.rand(n, device=dev) * (index + 1)).long())
+                    drawn[key] = (picks, slots, g.rng_states[b])
+                picks, slots, g.rng_states[b] = drawn[key]
+                p_list.append(picks)
+                s_list.append(slots)
             slots = torch.stack(s_list)
             picks = torch.stack(p_list) if k else None
         if k:
@@ -552,11 +567,11 @@ class ReplayAdapter(Adapter):
             for j in torch.unique(bt).tolist():
                 per_sample = g.per_sample_loss(g.predict(bx, j), by)
                 loss = loss + (per_sample * (bt == j)).sum(1) / k
-        self._add(x.detach(), y, t, slots)
+        self._add(x.detach(), y, t, slots, sharing)
         return loss
 
     @torch.no_grad()
-    def _add(self, x, y, t, slots) -> None:
+    def _add(self, x, y, t, slots, sharing) -> None:
         B, dev = self.g.B, self.g.dev
         if self.x is None:
             self.x = torch.empty((B, self.size, *x.shape[2:]), dtype=x.dtype, device=dev)
@@ -565,7 +580,8 @@ class ReplayAdapter(Adapter):
         keep = slots < self.size
         for b in range(B):  # one member at a time, as its own run writes (duplicate slots: the same one wins)
             slot, k = slots[b][keep[b]], keep[b]
-            self.x[b][slot], self.y[b][slot], self.task_ids[b][slot] = x[b][k], y[b][k], t
+            xb = x[b] if sharing is None else x[sharing.rows[b]]
+            self.x[b][slot], self.y[b][slot], self.task_ids[b][slot] = xb[k], y[b][k], t
         self.seen += x.shape[1]
         self.filled = min(self.seen, self.size)
 
@@ -724,6 +740,11 @@ class _Group:
         if d["rows"] == list(range(self.B)):
             return d[key][:, part]
         return d[key][torch.tensor(d["rows"], device=self.dev), part]
+
+    def rng_key(self, b: int) -> bytes:
+        """Member b's random stream state as bytes (equal for members whose streams are equal)."""
+        cpu, cuda = self.rng_states[b]
+        return cpu.numpy().tobytes() + (b"" if cuda is None else cuda.cpu().numpy().tobytes())
 
     @contextlib.contextmanager
     def rng(self, b: int) -> Iterator[None]:
@@ -928,8 +949,6 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                         x = d["train_x"][batch["rows"][:, None], idx[batch["first"]]]
                         y = d["train_y"][torch.arange(B, device=dev)[:, None], idx]
                         sharing = batch["sharing"]
-                    if sharing is not None and adapter.member_inputs:
-                        x, sharing = x[torch.tensor(sharing.rows, device=dev)], None
                     out = g.net.forward(x, gates[t], sharing)
                     loss = loss + g.per_sample_loss(g.head(out, t), y).mean(1)
                     penalty = adapter.penalty()
