@@ -10,12 +10,14 @@ gating alpha ...) and its own global RNG stream. Members do not interact: each
 gets the gradient of its own loss, so every member's R equals the engine's
 separate run up to float rounding.
 
-Only the hot loop is batched. Each strategy's once-a-task hooks (``before_task``,
-``after_task``: Fisher, anchors, gates, probes) run the ordinary way on the
-member's own strategy object, whose model is loaded with the member's weights
-first; a small per-strategy adapter (``ADAPTERS``) then stacks what the hot loop
-needs (anchors, importances, gates, masks) and implements the penalty, gating,
-gradient masks, path integrals or replay in batched form. A strategy without an
+The hot loop is batched, and so is the once-a-task work that is heavy (the EWC
+Fisher). Other once-a-task hooks (``before_task``, ``after_task``: anchors,
+gates, probes, LwF's copy of the model) run the ordinary way on the member's own
+strategy object, whose model is loaded with the member's weights first; a small
+per-strategy adapter (``ADAPTERS``) then stacks what the hot loop needs
+(anchors, importances, gates, masks, old models) and implements the penalty,
+gating, gradient masks, path integrals, replay or distillation in batched form.
+Members with equal inputs share one copy of them (see ``_Sharing``). A strategy without an
 adapter (l2p, iru, user strategies) or a model of another kind is not
 batchable: :func:`batchable` says why, and callers run it with ``clbench.run``.
 """
