@@ -324,19 +324,36 @@ class L2Adapter(Adapter):
 
 
 class EWCDiagAdapter(L2Adapter):
+    """Per-task EWC's penalties sum_k F_k (theta - theta_k)^2 are one quadratic: F (theta - a)^2 + c with
+    F = sum_k F_k, a = sum_k F_k theta_k / F and the constant c (kept, so the loss curves match); the online
+    form holds one (F, anchor) pair already."""
+
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
-        return (strategy.fisher_kind,)
+        return (strategy.fisher_kind, strategy.form)
 
     def refresh(self) -> None:
-        super().refresh()
         s = [m.strategy for m in self.g.members]
-        self.importance = None if s[0].importance is None else torch.stack([x.importance for x in s])
+        self.strength = _numbers(self.g.members, "strength", self.g.dev)
+        self.anchor = self.importance = self.constant = None
+        if not s[0].penalties:
+            return
+        Fk = torch.stack([torch.stack([F for F, _ in x.penalties]) for x in s])  # (B, K, P)
+        Tk = torch.stack([torch.stack([a for _, a in x.penalties]) for x in s])
+        if Fk.shape[1] == 1:
+            self.importance, self.anchor = Fk[:, 0], Tk[:, 0]
+            return
+        Fk, Tk = Fk.double(), Tk.double()
+        F, FT = Fk.sum(1), (Fk * Tk).sum(1)
+        anchor = torch.where(F > 0, FT / F.clamp_min(torch.finfo(F.dtype).tiny), 0.0)
+        self.constant = ((Fk * Tk * Tk).sum((1, 2)) - (F * anchor * anchor).sum(1)).float()
+        self.importance, self.anchor = F.float(), anchor.float()
 
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return 0.5 * self.strength * _Quadratic.apply(self.g.net.flat(), self.anchor, self.importance)
+        quadratic = _Quadratic.apply(self.g.net.flat(), self.anchor, self.importance)
+        return 0.5 * self.strength * (quadratic if self.constant is None else quadratic + self.constant)
 
     def after_task(self, i: int) -> bool:
         """The diagonal Fisher of task i for all members at once: for one bias-free Linear layer under MSE
@@ -351,9 +368,13 @@ class EWCDiagAdapter(L2Adapter):
             if new is None:
                 return False
         s = [m.strategy for m in self.g.members]
+        anchor = self.g.net.flat().detach().clone()
+        if s[0].form == "per-task":  # one more penalty each
+            for b, x in enumerate(s):
+                x.penalties.append((new[b], anchor[b]))
+            return True
         decay = _numbers(self.g.members, "decay", self.g.dev)
         importance = new if s[0].importance is None else decay[:, None] * torch.stack([x.importance for x in s]) + new
-        anchor = self.g.net.flat().detach().clone()
         for b, x in enumerate(s):
             x.importance, x.anchor = importance[b], anchor[b]
         return True
@@ -664,8 +685,8 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
         return "shuffle=False (batches in stored order) has no batched form"
     if getattr(strategy, "anchor_initial", False):
         return "anchor_initial (a pull to the initial weights during task 1) has no batched form"
-    if strategy.name in ("ewc-diag", "ewc-full") and strategy.form == "per-task" and len(stream.tasks) > 2:
-        return "per-task EWC on more than two tasks has no batched form (form=online has; on two tasks they agree)"
+    if strategy.name == "ewc-full" and strategy.form == "per-task" and len(stream.tasks) > 2:
+        return "per-task ewc-full on more than two tasks has no batched form (form=online has; on two tasks they agree)"
     return None
 
 
