@@ -128,12 +128,12 @@ def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, wi
 
 def fmnist(strengths: list[float], seeds: int, tasks: int, train_samples: int, with_avalanche: bool) -> None:
     widths = (100,)
-    print(f"permuted Fashion-MNIST strength sweep: online ewc-diag strength {strengths} x seeds {list(range(seeds))}, "
+    print(f"permuted Fashion-MNIST strength sweep: ewc-diag (per-task) strength {strengths} x seeds {list(range(seeds))}, "
           f"{tasks} tasks, {train_samples} training images, 1 epoch, MLP 784-100-10, SGD, batch 128")
     streams = {s: clbench.make_stream("permuted-fashion-mnist", tasks=tasks, train_samples=train_samples, seed=s)
                for s in range(seeds)}
     cells = [(st, s) for s in range(seeds) for st in strengths]
-    make = lambda st: clbench.make_strategy("ewc-diag", strength=st, epochs=1, form="online")  # noqa: E731
+    make = lambda st: clbench.make_strategy("ewc-diag", strength=st, epochs=1)  # noqa: E731
     start = time.perf_counter()
     seq = [clbench.run(streams[s], make(st), device="cpu", seed=s, progress=False, model_args={"widths": widths})
            for st, s in cells]

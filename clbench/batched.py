@@ -182,6 +182,19 @@ class _Net:
         weights themselves when there is one parameter, e.g. the linear student)."""
         return _flat(self.params)
 
+    def parts(self) -> Iterator[tuple[torch.Tensor, slice]]:
+        """Each stacked parameter with its columns in ``flat()``."""
+        start = 0
+        for p in self.params:
+            yield p, slice(start, start + p[0].numel())
+            start += p[0].numel()
+
+    def quadratic(self, anchor: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Per member: sum_j weight_j (theta_j - anchor_j)^2 over ``flat()`` (weight 1 when None), computed per
+        parameter, without concatenating the weights."""
+        return sum(_Quadratic.apply(p.reshape(len(p), -1), anchor[:, part], None if weight is None else weight[:, part])
+                   for p, part in self.parts())
+
     @torch.no_grad()
     def load(self, b: int, model: nn.Module) -> None:
         for p, stacked in zip(model.parameters(), self.params):
@@ -320,7 +333,7 @@ class L2Adapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return 0.5 * self.strength * _Quadratic.apply(self.g.net.flat(), self.anchor, None)
+        return 0.5 * self.strength * self.g.net.quadratic(self.anchor, None)
 
 
 class EWCDiagAdapter(L2Adapter):
@@ -352,7 +365,7 @@ class EWCDiagAdapter(L2Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        quadratic = _Quadratic.apply(self.g.net.flat(), self.anchor, self.importance)
+        quadratic = self.g.net.quadratic(self.anchor, self.importance)
         return 0.5 * self.strength * (quadratic if self.constant is None else quadratic + self.constant)
 
     def after_task(self, i: int) -> bool:
@@ -510,14 +523,15 @@ class SIAdapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return self.c * _Quadratic.apply(self.g.net.flat(), self.anchor, self.omega)
+        return self.c * self.g.net.quadratic(self.anchor, self.omega)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        current = self.g.net.flat()
-        grads = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.g.net.params])
-        self.path.addcmul_(grads, current - self.previous, value=-1.0)
-        self.previous.copy_(current)  # current may be a view of the live weights
+        for p, part in self.g.net.parts():  # per parameter: no (B, P) concatenation a step
+            current = p.reshape(len(p), -1)
+            grad = torch.zeros_like(current) if p.grad is None else p.grad.reshape(len(p), -1)
+            self.path[:, part].addcmul_(grad, current - self.previous[:, part], value=-1.0)
+            self.previous[:, part].copy_(current)
 
     def bytes_per_member(self, strategy, stream, model):
         return 6 * count_parameters(model) * 4

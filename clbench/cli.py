@@ -513,7 +513,8 @@ def _demo(args: argparse.Namespace) -> int:
     from clbench.batched import Member, run_batched
 
     grid = list(itertools.product(cells, seeds))
-    streams = [clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed) for (rho_a, rho_b), seed in grid]
+    streams = [clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed)
+               for (rho_a, rho_b), seed in grid]
     for label, name, strategy_args in DEMO_STRATEGIES:  # each strategy's grid x seeds as one batched model
         members = [Member(stream, clbench.make_strategy(name, **strategy_args), seed)
                    for stream, (_, seed) in zip(streams, grid)]
