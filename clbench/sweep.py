@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tomllib
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
@@ -162,16 +163,36 @@ def cell_stream_args(cell: dict[str, Any]) -> dict[str, Any]:
     return stream_args
 
 
+_SYNTHETIC: "OrderedDict[str, Any]" = OrderedDict()  # key -> stream, least recently used first
+SYNTHETIC_CACHE_MB = 256
+
+
 def cell_stream(cell: dict[str, Any]):
-    """The stream a cell runs on: built from its arguments, then a suite's validation or task-range split."""
+    """The stream a cell runs on: built from its arguments, then a suite's validation or task-range split.
+
+    Synthetic streams (no data files: a pure function of their arguments) are kept per process, up to
+    SYNTHETIC_CACHE_MB, so that the cells of a sweep that share one (every strategy at a grid point and
+    seed) build it once per worker; streams read from files are built each time."""
     import clbench
 
+    key = json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
+    if key in _SYNTHETIC:
+        _SYNTHETIC.move_to_end(key)
+        return _SYNTHETIC[key]
     stream = clbench.make_stream(cell["stream"], **cell_stream_args(cell))
     if cell.get("split"):  # clbench.suite
         from clbench.suite import split_stream
 
         stream = split_stream(stream, cell["split"])
+    if stream.provenance.get("dataset") == "synthetic":
+        _SYNTHETIC[key] = stream
+        while sum(_stream_bytes(s) for s in _SYNTHETIC.values()) > SYNTHETIC_CACHE_MB * 2**20:
+            _SYNTHETIC.popitem(last=False)
     return stream
+
+
+def _stream_bytes(stream: Any) -> int:
+    return sum(x.numel() * x.element_size() for t in stream.tasks for x in (t.train_x, t.train_y, t.test_x, t.test_y))
 
 
 def cell_record(result: Any, cell: dict[str, Any], commit: str | None, executor: str) -> dict[str, Any]:

@@ -132,3 +132,18 @@ def test_plots_are_readable_pngs(tmp_path, cli):
             assert len(np.unique(np.asarray(image.convert("L")))) > 20  # not blank
     code, _, err = cli("plot", "leaderboard", str(tmp_path / "lb.csv"), "--metric", "nope", "--output", "x.png")
     assert code == 2 and "no column nope_mean" in err
+
+
+def test_synthetic_streams_are_built_once_per_process_and_file_streams_each_time(tmp_path):
+    from fake_data import write_idx_dataset
+
+    def cell(stream, args, strategy="finetune"):
+        return {"stream": stream, "stream_args": args, "strategy": strategy, "strategy_args": {}, "seed": 0}
+
+    ts = {"rho_a": 0.3, "rho_b": 0.7, "input_dim": 50}
+    first = sweep.cell_stream(cell("teacher-student", ts))
+    assert sweep.cell_stream(cell("teacher-student", ts, "l2")) is first  # another strategy, the same stream
+    assert sweep.cell_stream(cell("teacher-student", {**ts, "rho_b": 0.8})) is not first
+    root = str(write_idx_dataset(tmp_path / "m", train=100, test=50))
+    images = cell("permuted-mnist", {"tasks": 2, "root": root})
+    assert sweep.cell_stream(images) is not sweep.cell_stream(images)  # files may change between runs
