@@ -8,10 +8,11 @@ Parts (``--parts``, default all):
 - ``ts``: the committed teacher-student leaderboard sweep (sweeps/teacher_student.toml) through
   ``clbench sweep`` machinery: ``--jobs 2 --batch off`` (sequential cells in two processes) vs
   ``--jobs 2 --batch auto``; ``--ts-seeds`` keeps the first seeds only (the file has 3).
-- ``fmnist``: a permuted Fashion-MNIST strength sweep (ewc-diag, MLP 784-100-10): cells one after another vs
-  batched, one cell in Avalanche (its own PermutedMNIST generator and EWC strategy), and the matmul ceiling as
-  benchmarks/bench_vectorized.py computes it (training and evaluation matmuls at this machine's measured
-  fp32 matmul rate; the Fisher and the penalty are extra work it does not count).
+- ``fmnist``: permuted Fashion-MNIST sweeps with an MLP 784-100-10, an ewc-diag strength sweep (members of a
+  seed share inputs) and a finetune seed sweep (nothing shared): cells one after another vs batched, one cell in Avalanche (its own PermutedMNIST
+  generator and EWC strategy), and the matmul ceiling as benchmarks/bench_vectorized.py computes it (training
+  and evaluation matmuls at this machine's measured fp32 matmul rate; the Fisher, the penalty and the input
+  preparation are extra work it does not count).
 
     python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1]
 """
@@ -126,37 +127,48 @@ def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, wi
     return elapsed
 
 
-def fmnist(strengths: list[float], seeds: int, tasks: int, train_samples: int, with_avalanche: bool) -> None:
+def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, train_samples: int,
+           with_avalanche: bool) -> None:
     widths = (100,)
-    print(f"permuted Fashion-MNIST strength sweep: ewc-diag (per-task) strength {strengths} x seeds {list(range(seeds))}, "
-          f"{tasks} tasks, {train_samples} training images, 1 epoch, MLP 784-100-10, SGD, batch 128")
+    print(f"permuted Fashion-MNIST sweeps: {tasks} tasks, {train_samples} training images, 1 epoch, MLP 784-100-10, "
+          "SGD, batch 128")
     streams = {s: clbench.make_stream("permuted-fashion-mnist", tasks=tasks, train_samples=train_samples, seed=s)
                for s in range(seeds)}
-    cells = [(st, s) for s in range(seeds) for st in strengths]
-    make = lambda st: clbench.make_strategy("ewc-diag", strength=st, epochs=1)  # noqa: E731
-    start = time.perf_counter()
-    seq = [clbench.run(streams[s], make(st), device="cpu", seed=s, progress=False, model_args={"widths": widths})
-           for st, s in cells]
-    t_seq = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = run_batched([Member(streams[s], make(st), s) for st, s in cells], device="cpu",
-                          model_args={"widths": widths})
-    t_batched = time.perf_counter() - start
-    gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
-    line("strength sweep", t_seq, t_batched, len(cells), gap)
     task = streams[0].tasks[0]
     flops = matmul_flops([784, *widths, 10], len(task.train_x), len(task.test_x), tasks, 1)
     rate = matmul_throughput(784, sum(widths) * 4)
-    floor = len(cells) * flops / rate
-    print(f"  matmul ceiling: {floor:.1f} s for the {len(cells)} runs ({flops / 1e9:.1f} GFLOP of matmuls a run at "
-          f"{rate / 1e9:.0f} GFLOP/s); batched is {t_batched / floor:.1f}x the ceiling, one after another "
-          f"{t_seq / floor:.1f}x")
-    if with_avalanche:
-        lr = seq[0].config["lr"]
-        t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths)
-        print(f"  avalanche, one cell (EWC strength {strengths[0]}): {t_av:.1f} s; clbench one cell "
-              f"{t_seq / len(cells):.1f} s, batched {t_batched / len(cells):.2f} s a cell "
-              f"({t_av / (t_batched / len(cells)):.0f}x)", flush=True)
+    print(f"  matmul ceiling: {flops / 1e9:.1f} GFLOP of training and evaluation matmuls a run at the measured "
+          f"{rate / 1e9:.0f} GFLOP/s")
+    for s in range(seeds, finetune_seeds):
+        streams[s] = clbench.make_stream("permuted-fashion-mnist", tasks=tasks, train_samples=train_samples, seed=s)
+    # the strength sweep's members of one seed share their inputs; the seed sweep's members share nothing
+    sweeps = [(f"ewc-diag strength {strengths} x seeds {list(range(seeds))}",
+               lambda v: clbench.make_strategy("ewc-diag", strength=v, epochs=1),
+               [(v, s) for s in range(seeds) for v in strengths]),
+              (f"finetune x seeds {list(range(finetune_seeds))}", lambda v: clbench.make_strategy("finetune", epochs=1),
+               [(None, s) for s in range(finetune_seeds)])]
+    for label, make, cells in sweeps:
+        start = time.perf_counter()
+        seq = [clbench.run(streams[s], make(v), device="cpu", seed=s, progress=False, model_args={"widths": widths})
+               for v, s in cells]
+        t_seq = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = run_batched([Member(streams[s], make(v), s) for v, s in cells], device="cpu",
+                              model_args={"widths": widths})
+        t_batched = time.perf_counter() - start
+        gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
+        print(f"  {label}")
+        line("sweep", t_seq, t_batched, len(cells), gap)
+        floor = len(cells) * flops / rate
+        print(f"  matmul ceiling {floor:.1f} s for the {len(cells)} runs: batched is {t_batched / floor:.1f}x the "
+              f"ceiling, one after another {t_seq / floor:.1f}x (the ceiling counts no Fisher, penalty or input "
+              "preparation)")
+        if with_avalanche and label.startswith("ewc"):
+            lr = seq[0].config["lr"]
+            t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths)
+            print(f"  avalanche, one cell (EWC strength {strengths[0]}): {t_av:.1f} s; clbench one cell "
+                  f"{t_seq / len(cells):.1f} s, batched {t_batched / len(cells):.2f} s a cell "
+                  f"({t_av / (t_batched / len(cells)):.0f}x)", flush=True)
 
 
 def main() -> None:
@@ -166,6 +178,7 @@ def main() -> None:
     parser.add_argument("--ts-seeds", type=int, default=3)
     parser.add_argument("--ts-jobs", type=int, default=2)
     parser.add_argument("--strengths", default="0.3,1,3,10")
+    parser.add_argument("--finetune-seeds", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--train-samples", type=int, default=10000)
@@ -181,8 +194,8 @@ def main() -> None:
     if "ts" in parts:
         ts_sweep(args.ts_seeds, args.ts_jobs)
     if "fmnist" in parts:
-        fmnist([float(s) for s in args.strengths.split(",")], args.seeds, args.tasks, args.train_samples,
-               not args.no_avalanche)
+        fmnist([float(s) for s in args.strengths.split(",")], args.finetune_seeds, args.seeds,
+               args.tasks, args.train_samples, not args.no_avalanche)
 
 
 if __name__ == "__main__":

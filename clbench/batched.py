@@ -708,31 +708,41 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
 
 @torch.no_grad()
 def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int
-                     ) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Task j's (train, test) inputs after the task transform, once per distinct content, and each member's
-    row among them: members of a (rho_a, rho_b) grid with one seed and rho_a hold equal inputs in separate
-    streams, a strength sweep's members of one seed the same stream."""
-    rows: list[int] = []
-    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    by_object: dict[int, int] = {}
-    by_fingerprint: dict[tuple, list[int]] = {}
+                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Task j's train and test inputs after the task transform, (V, n, ...), once per distinct content, and
+    each member's row among them: members of a (rho_a, rho_b) grid with one seed and rho_a hold equal inputs
+    in separate streams, a strength sweep's members of one seed the same stream. The transform writes in
+    chunks straight into the stacked tensors (no second copy of them)."""
+    objects: dict[int, int] = {}  # task object -> the first member holding it
     for b, member in enumerate(members):
-        key = id(member.stream.tasks[j])
-        if key not in by_object:
-            task = tasks[b][j]
-            pair = (task.inputs(task.train_x), task.inputs(task.test_x))
-            # a cheap fingerprint (a strided sample); equal ones are then compared in full
-            fingerprint = tuple((tuple(x.shape), float(x.flatten()[::97].sum(dtype=torch.float64))) for x in pair)
-            same = [r for r in by_fingerprint.get(fingerprint, [])
-                    if all(torch.equal(a, c) for a, c in zip(inputs[r], pair))]
-            if same:
-                by_object[key] = same[0]
-            else:
-                by_object[key] = len(inputs)
-                by_fingerprint.setdefault(fingerprint, []).append(len(inputs))
-                inputs.append(pair)
-        rows.append(by_object[key])
-    return rows, inputs
+        objects.setdefault(id(member.stream.tasks[j]), b)
+
+    def stacked(split: str) -> torch.Tensor:  # room for every object; pages of unused rows are never touched
+        task = tasks[next(iter(objects.values()))][j]
+        x = getattr(task, f"{split}_x")
+        probe = task.inputs(x[:1])
+        return torch.empty((len(objects), len(x), *probe.shape[1:]), dtype=probe.dtype, device=probe.device)
+
+    train, test = stacked("train"), stacked("test")
+    row_of: dict[int, int] = {}
+    by_fingerprint: dict[tuple, list[int]] = {}
+    rows = 0
+    for key, b in objects.items():
+        task = tasks[b][j]
+        for x, out in ((task.train_x, train[rows]), (task.test_x, test[rows])):
+            for start in range(0, len(x), 4096):
+                out[start:start + 4096] = task.inputs(x[start:start + 4096])
+        # a cheap fingerprint (a strided sample); equal ones are then compared in full
+        fingerprint = tuple(float(x[rows].flatten()[::97].sum(dtype=torch.float64)) for x in (train, test))
+        same = [r for r in by_fingerprint.get(fingerprint, [])
+                if torch.equal(train[r], train[rows]) and torch.equal(test[r], test[rows])]
+        if same:
+            row_of[key] = same[0]  # and the next object overwrites this row
+        else:
+            row_of[key] = rows
+            by_fingerprint.setdefault(fingerprint, []).append(rows)
+            rows += 1
+    return [row_of[id(m.stream.tasks[j])] for m in members], train[:rows], test[:rows]
 
 
 class _Group:
@@ -743,22 +753,21 @@ class _Group:
         tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
         distinct = [_distinct_inputs(members, tasks, j) for j in range(len(tasks[0]))]
         # members that share inputs side by side, so each set's stacked weights are one contiguous slice
-        self.order = sorted(range(self.B), key=lambda b: [rows[b] for rows, _ in distinct])
+        self.order = sorted(range(self.B), key=lambda b: [rows[b] for rows, _, _ in distinct])
         self.members = [members[b] for b in self.order]
         self.models = [models[b] for b in self.order]
         self.tasks = [tasks[b] for b in self.order]
         self.net = _Net(self.models)
         self.loss_kind = members[0].stream.loss
         self.rng_states: list[tuple] = [m._rng for m in self.members]
-        self.data = [self._stack(j, [rows[b] for b in self.order], inputs)
-                     for j, (rows, inputs) in enumerate(distinct)]
+        self.data = [self._stack(j, [rows[b] for b in self.order], train, test)
+                     for j, (rows, train, test) in enumerate(distinct)]
 
-    def _stack(self, j: int, rows: list[int], inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-        """Task j's distinct inputs (see _distinct_inputs) stacked; targets and heads per member."""
+    def _stack(self, j: int, rows: list[int], train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
+        """Task j's distinct inputs (see _distinct_inputs); targets and heads stacked per member."""
         with torch.no_grad():
             out: dict[str, Any] = {
-                "rows": rows, "sharing": _Sharing.of(rows, self.dev),
-                "train_x": torch.stack([x for x, _ in inputs]), "test_x": torch.stack([x for _, x in inputs]),
+                "rows": rows, "sharing": _Sharing.of(rows, self.dev), "train_x": train, "test_x": test,
                 "train_y": torch.stack([self.tasks[b][j].train_y for b in range(self.B)]),
                 "test_y": torch.stack([self.tasks[b][j].test_y for b in range(self.B)])}
         heads = [self.tasks[b][j].head for b in range(self.B)]

@@ -144,8 +144,9 @@ def test_members_with_equal_inputs_share_one_copy_and_one_matmul():
     for specs, kw, epochs in ((exact, {}, 10), (minibatch, mlp, 3)):
         members = [Member(st, make_strategy(name, epochs=epochs, **args), seed) for st, name, args, seed in specs]
         for j in range(2):
-            rows, inputs = _distinct_inputs(members, [m.stream.tasks for m in members], j)
-            assert len(inputs) == len({seed for *_, seed in specs}) and _Sharing.of(rows, "cpu") is not None
+            rows, train, test = _distinct_inputs(members, [m.stream.tasks for m in members], j)
+            assert len(train) == len(test) == len({seed for *_, seed in specs}) == len(set(rows))
+            assert _Sharing.of(rows, "cpu") is not None
         batched = run_batched(members, device="cpu", **kw)
         for (st, name, args, seed), got in zip(specs, batched):
             want = run(st, make_strategy(name, epochs=epochs, **args), device="cpu", seed=seed, progress=False, **kw)
