@@ -614,11 +614,12 @@ class ReplayAdapter(Adapter):
             self.x = torch.empty((B, self.size, *x.shape[2:]), dtype=x.dtype, device=dev)
             self.y = torch.empty((B, self.size, *y.shape[2:]), dtype=y.dtype, device=dev)
             self.task_ids = torch.empty((B, self.size), dtype=torch.long, device=dev)
-        keep = slots < self.size
-        for b in range(B):  # one member at a time, as its own run writes (duplicate slots: the same one wins)
-            slot, k = slots[b][keep[b]], keep[b]
-            xb = x[b] if sharing is None else x[sharing.rows[b]]
-            self.x[b][slot], self.y[b][slot], self.task_ids[b][slot] = xb[k], y[b][k], t
+        # every member's kept samples in one write (a slot drawn twice in one write keeps one of the two, as in
+        # the engine's own index assignment)
+        member, sample = (slots < self.size).nonzero(as_tuple=True)
+        slot = slots[member, sample]
+        source = member if sharing is None else torch.tensor(sharing.rows, device=dev)[member]
+        self.x[member, slot], self.y[member, slot], self.task_ids[member, slot] = x[source, sample], y[member, sample], t
         self.seen += x.shape[1]
         self.filled = min(self.seen, self.size)
 
