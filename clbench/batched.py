@@ -85,6 +85,7 @@ class _Sharing:
     multiplied by all its members' first-layer weights at once ((N, in) x (in, k * out), one matmul)."""
 
     rows: list[int]  # member -> row
+    index: torch.Tensor  # the same, on the device
     groups: list[tuple[int, slice | torch.Tensor]]  # (row, its members: a slice where they are contiguous)
 
     @staticmethod
@@ -98,7 +99,7 @@ class _Sharing:
             members.setdefault(r, []).append(b)
         groups = [(r, slice(bs[0], bs[0] + len(bs)) if bs == list(range(bs[0], bs[0] + len(bs)))
                    else torch.tensor(bs, device=device)) for r, bs in members.items()]
-        return _Sharing(rows, groups)
+        return _Sharing(rows, torch.tensor(rows, device=device), groups)
 
 
 class _SharedLinear(torch.autograd.Function):
@@ -180,7 +181,9 @@ class _Net:
     def flat(self) -> torch.Tensor:
         """(B, P): every member's parameters in ``model.parameters()`` order (differentiable; a view of the
         weights themselves when there is one parameter, e.g. the linear student)."""
-        return _flat(self.params)
+        if len(self.params) == 1:
+            return self.params[0].reshape(len(self.params[0]), -1)
+        return torch.cat([p.reshape(len(p), -1) for p in self.params], 1)
 
     def parts(self) -> Iterator[tuple[torch.Tensor, slice]]:
         """Each stacked parameter with its columns in ``flat()``."""
@@ -199,13 +202,6 @@ class _Net:
     def load(self, b: int, model: nn.Module) -> None:
         for p, stacked in zip(model.parameters(), self.params):
             p.copy_(stacked[b])
-
-
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(B, ...) tensors as (B, total): one reshape (a view) for one tensor, else a concatenation."""
-    if len(tensors) == 1:
-        return tensors[0].reshape(len(tensors[0]), -1)
-    return torch.cat([t.reshape(len(t), -1) for t in tensors], 1)
 
 
 def _model_ok(model: nn.Module) -> str | None:
@@ -599,7 +595,7 @@ class ReplayAdapter(Adapter):
             slots = torch.stack(s_list)
             picks = torch.stack(p_list) if k else None
         if k:
-            rows = torch.arange(B, device=dev)[:, None]
+            rows = g.member_index
             bx, by, bt = self.x[rows, picks], self.y[rows, picks], self.task_ids[rows, picks]
             for j in torch.unique(bt).tolist():
                 per_sample = g.per_sample_loss(g.predict(bx, j), by)
@@ -618,7 +614,7 @@ class ReplayAdapter(Adapter):
         # the engine's own index assignment)
         member, sample = (slots < self.size).nonzero(as_tuple=True)
         slot = slots[member, sample]
-        source = member if sharing is None else torch.tensor(sharing.rows, device=dev)[member]
+        source = member if sharing is None else sharing.index[member]
         self.x[member, slot], self.y[member, slot], self.task_ids[member, slot] = x[source, sample], y[member, sample], t
         self.seen += x.shape[1]
         self.filled = min(self.seen, self.size)
@@ -761,6 +757,7 @@ class _Group:
         self.net = _Net(self.models)
         self.loss_kind = members[0].stream.loss
         self.rng_states: list[tuple] = [m._rng for m in self.members]
+        self.member_index = torch.arange(self.B, device=dev)[:, None]  # (B, 1), for per-member gathers
         self.data = [self._stack(j, [rows[b] for b in self.order], train, test)
                      for j, (rows, train, test) in enumerate(distinct)]
 
@@ -768,7 +765,8 @@ class _Group:
         """Task j's distinct inputs (see _distinct_inputs); targets and heads stacked per member."""
         with torch.no_grad():
             out: dict[str, Any] = {
-                "rows": rows, "sharing": _Sharing.of(rows, self.dev), "train_x": train, "test_x": test,
+                "rows": rows, "rows_index": torch.tensor(rows, device=self.dev),
+                "sharing": _Sharing.of(rows, self.dev), "train_x": train, "test_x": test,
                 "train_y": torch.stack([self.tasks[b][j].train_y for b in range(self.B)]),
                 "test_y": torch.stack([self.tasks[b][j].test_y for b in range(self.B)])}
         heads = [self.tasks[b][j].head for b in range(self.B)]
@@ -786,7 +784,7 @@ class _Group:
         """d[key] (distinct inputs) as one row per member, (B, N, ...); the stored tensor itself when it is."""
         if d["rows"] == list(range(self.B)):
             return d[key][:, part]
-        return d[key][torch.tensor(d["rows"], device=self.dev), part]
+        return d[key][d["rows_index"], part]
 
     def rng_key(self, b: int) -> bytes:
         """Member b's random stream state as bytes (equal for members whose streams are equal)."""
@@ -994,7 +992,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                         idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
                         batch = batches[t]  # members with the same data and seed draw the same batches
                         x = d["train_x"][batch["rows"][:, None], idx[batch["first"]]]
-                        y = d["train_y"][torch.arange(B, device=dev)[:, None], idx]
+                        y = d["train_y"][g.member_index, idx]
                         sharing = batch["sharing"]
                     out = g.net.forward(x, gates[t], sharing)
                     loss = loss + g.per_sample_loss(g.head(out, t), y).mean(1)
