@@ -9,10 +9,10 @@ Parts (``--parts``, default all):
   ``clbench sweep`` machinery: ``--jobs 2 --batch off`` (sequential cells in two processes) vs
   ``--jobs 2 --batch auto``; ``--ts-seeds`` keeps the first seeds only (the file has 3).
 - ``fmnist``: permuted Fashion-MNIST sweeps with an MLP 784-100-10, an ewc-diag strength sweep (members of a
-  seed share inputs) and a finetune seed sweep (nothing shared): cells one after another vs batched, one cell in Avalanche (its own PermutedMNIST
-  generator and EWC strategy), and the matmul ceiling as benchmarks/bench_vectorized.py computes it (training
-  and evaluation matmuls at this machine's measured fp32 matmul rate; the Fisher, the penalty and the input
-  preparation are extra work it does not count).
+  seed share inputs) and a finetune seed sweep (nothing shared): cells one after another vs batched, one cell
+  in Avalanche (its own PermutedMNIST generator and EWC strategy), and the matmul ceiling as
+  benchmarks/bench_vectorized.py computes it (training and evaluation matmuls at this machine's measured fp32
+  matmul rate; the Fisher, the penalty and the input preparation are extra work it does not count).
 
     python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1]
 """
