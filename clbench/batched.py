@@ -43,6 +43,7 @@ from clbench.errors import ClbenchError
 from clbench.fisher import fisher_losses
 from clbench.models import ACTIVATIONS, build_model, count_parameters
 from clbench.strategy import Strategy
+from clbench.transforms import PixelPermutation
 from clbench.types import Stream, Task
 
 ELEMENTWISE = tuple(ACTIVATIONS.values())
@@ -89,10 +90,10 @@ class _Sharing:
     groups: list[tuple[int, slice | torch.Tensor]]  # (row, its members: a slice where they are contiguous)
 
     @staticmethod
-    def of(rows: list[int], device: torch.device) -> "_Sharing | None":
-        """None when members share too little to gain (fewer than 4 a row on average: the stacked matmul of
-        one row per member is faster then)."""
-        if 4 * len(set(rows)) > len(rows):
+    def of(rows: list[int], device: torch.device, least: int = 4) -> "_Sharing | None":
+        """None when members share too little to gain (fewer than ``least`` a row on average: the stacked
+        matmul of one row per member is faster then)."""
+        if least * len(set(rows)) > len(rows):
             return None
         members: dict[int, list[int]] = {}
         for b, r in enumerate(rows):
@@ -151,12 +152,15 @@ class _Net:
                        for group in zip(*(m.parameters() for m in models))]
 
     def forward(self, x: torch.Tensor, gates: list[torch.Tensor | None] | None = None,
-                sharing: _Sharing | None = None, capture: list | None = None) -> torch.Tensor:
+                sharing: _Sharing | None = None, capture: list | None = None,
+                input_order: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, *input) -> (B, N, outputs); ``gates[k]`` (B, in) multiplies the input of Linear k.
 
         With ``sharing``, x is (V, N, *input) and member b reads row ``sharing.rows[b]`` (members with the
-        same data and batch order); the first Linear layer maps it to (B, N, out). ``capture`` (ungated,
-        unshared calls) receives (Linear index, its input, its output) per Linear layer."""
+        same data and batch order); the first Linear layer maps it to (B, N, out). ``input_order`` (B, in),
+        with sharing: member b's first layer reads input unit input_order[b, i] as its unit i (a pixel
+        permutation folded into the weights). ``capture`` (ungated, unshared calls) receives (Linear index, its
+        input, its output) per Linear layer."""
         for op, arg in self.ops:
             if op == "flatten":
                 x = x.flatten(2)
@@ -166,7 +170,10 @@ class _Net:
                 weight = self.params[w]
                 gate = None if gates is None else gates[arg]
                 if sharing is not None:  # a gate on the shared input is folded into the weights
-                    x = _SharedLinear.apply(x, weight if gate is None else weight * gate[:, None, :], sharing)
+                    weight = weight if gate is None else weight * gate[:, None, :]
+                    if input_order is not None:
+                        weight = weight.gather(2, input_order[:, None, :].expand_as(weight))
+                    x = _SharedLinear.apply(x, weight, sharing)
                     sharing = None
                 else:
                     x = _StackedLinear.apply(x if gate is None else x * gate[:, None, :], weight)
@@ -285,7 +292,7 @@ def _diagonal_fisher(g: "_Group", i: int, batch_size: int = 512) -> torch.Tensor
     if len({x.fisher_samples for x in s}) != 1:
         return None
     kind, d = s[0].fisher_kind, g.data[i]
-    n = min(s[0].fisher_samples, d["train_x"].shape[1])
+    n = min(s[0].fisher_samples, d["train_x"].n)
     diag = [torch.zeros_like(p) for p in g.net.params]
     for start in range(0, n, batch_size):
         part = slice(start, min(start + batch_size, n))
@@ -703,13 +710,138 @@ def batchable(stream: Stream, strategy: Strategy) -> str | None:
 
 # --- one batch --------------------------------------------------------------------------------------------------
 
+def _take(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    """x (V, n, ...) at rows (K,) and samples ``index`` ((K, m), or one slice for all) -> (K, m, ...): whole
+    samples copied by one index_select (faster than advanced indexing on two dimensions)."""
+    n = x.shape[1]
+    if isinstance(index, slice):
+        index = torch.arange(n, device=x.device)[index].expand(len(rows), -1)
+    flat = (rows[:, None] * n + index).reshape(-1)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, flat).view(*index.shape, *x.shape[2:])
+
+
+class _Dense:
+    """A task's distinct inputs, transformed and stacked: row r is x[r], (V, n, ...)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[1]
+
+    def take(self, rows: torch.Tensor, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """(K, m, ...): rows (K,) at samples ``index``, (K, m) or one slice for all."""
+        return _take(self.x, rows, index)
+
+    def all(self) -> torch.Tensor:
+        return self.x
+
+
+class _Permuted:
+    """A task's distinct inputs when its transform is a pixel permutation (permuted MNIST): the stored images
+    (uint8) once per distinct content, base (U, n, pixels), and each row's pixel order (V, pixels). A seed or
+    (rho_a, rho_b) sweep then holds the images once per seed, not transformed once per task and member.
+    Training batches are built as needed (the floats the transform gives); evaluation instead folds a row's
+    order into the first layer's weights, so that all members read the shared images (see _Group.evaluate)."""
+
+    def __init__(self, base: torch.Tensor, base_of: list[int], perm: torch.Tensor, shape: tuple[int, ...],
+                 cache: dict) -> None:
+        self.base, self.perm, self.shape, self.cache = base, perm, shape, cache
+        self.base_of = torch.tensor(base_of, device=base.device)
+        self.inverse = perm.argsort(1)  # scaled(base) @ w[:, inverse]^T = (scaled(base)[:, perm]) @ w^T
+        self._all: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.perm)
+
+    @property
+    def n(self) -> int:
+        return self.base.shape[1]
+
+    def take(self, rows: torch.Tensor, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        x = _take(self.base, self.base_of[rows], index)
+        x = x.gather(2, self.perm[rows][:, None, :].expand(-1, x.shape[1], -1))
+        return torch.div(x, 255).view(*x.shape[:2], *self.shape)  # PixelPermutation's floats: gather, then scale
+
+    def all(self) -> torch.Tensor:
+        if self._all is None:
+            self._all = self.take(torch.arange(len(self), device=self.base.device))
+        return self._all
+
+    def scaled(self) -> torch.Tensor:
+        """The images in model units, (U, n, pixels), in their stored pixel order (one copy for all tasks)."""
+        key = ("scaled", id(self.base))
+        if key not in self.cache:
+            self.cache[key] = torch.div(self.base, 255)
+        return self.cache[key]
+
+
+class _Canonical:
+    """Maps each tensor to the first equal one seen (by object, else by a strided fingerprint, then compared in
+    full), so that equal data held in separate streams is stored once."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, torch.Tensor] = {}
+        self.by_fingerprint: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if id(x) not in self.by_id:
+            key = (tuple(x.shape), x.dtype, float(x.flatten()[::97].sum(dtype=torch.float64)))
+            same = [y for y in self.by_fingerprint.setdefault(key, []) if torch.equal(x, y)]
+            if not same:
+                self.by_fingerprint[key].append(x)
+            self.by_id[id(x)] = same[0] if same else x
+        return self.by_id[id(x)]
+
+
 @torch.no_grad()
-def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int
-                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Task j's train and test inputs after the task transform, (V, n, ...), once per distinct content, and
+def _permuted_inputs(members: list[Member], j: int, dev: torch.device, cache: dict
+                     ) -> tuple[list[int], _Permuted, _Permuted]:
+    """_distinct_inputs for tasks whose transform is a PixelPermutation: a base per distinct stored train and
+    test images (by content), a row per distinct (train base, test base, pixel order). ``cache`` keeps the
+    stacked bases from task to task (the tasks of a permuted stream share their images)."""
+    canonical = cache.setdefault("canonical", _Canonical())
+    bases: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] = ({}, {})  # id -> images, per split
+    row_of: dict[tuple[int, int, bytes], int] = {}
+    rows, base_of, perms = [], ([], []), []
+    for member in members:
+        task = member.stream.tasks[j]
+        which = []
+        for split, x in zip(bases, (task.train_x, task.test_x)):
+            x = canonical(x)
+            which.append(list(split).index(id(x)) if id(x) in split else len(split))
+            split.setdefault(id(x), x)
+        key = (*which, task.transform.perm.cpu().numpy().tobytes())
+        if key not in row_of:
+            row_of[key] = len(perms)
+            base_of[0].append(which[0])
+            base_of[1].append(which[1])
+            perms.append(task.transform.perm)
+        rows.append(row_of[key])
+    perm, shape = torch.stack(perms).to(dev), (1, *task.transform.shape)
+    out = []
+    for split, of in zip(bases, base_of):
+        key = ("images", tuple(split))
+        if key not in cache:
+            cache[key] = torch.stack([x.to(dev).reshape(len(x), -1) for x in split.values()])
+        out.append(_Permuted(cache[key], of, perm, shape, cache))
+    return rows, out[0], out[1]
+
+
+@torch.no_grad()
+def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int, cache: dict | None = None
+                     ) -> tuple[list[int], _Dense | _Permuted, _Dense | _Permuted]:
+    """Task j's train and test inputs after the task transform, V rows of them, once per distinct content, and
     each member's row among them: members of a (rho_a, rho_b) grid with one seed and rho_a hold equal inputs
     in separate streams, a strength sweep's members of one seed the same stream. The transform writes in
-    chunks straight into the stacked tensors (no second copy of them)."""
+    chunks straight into the stacked tensors (no second copy of them); pixel permutations are kept as the
+    images and each row's order (_Permuted)."""
+    if all(type(m.stream.tasks[j].transform) is PixelPermutation for m in members):
+        return _permuted_inputs(members, j, tasks[0][j].train_x.device, {} if cache is None else cache)
     objects: dict[int, int] = {}  # task object -> the first member holding it
     for b, member in enumerate(members):
         objects.setdefault(id(member.stream.tasks[j]), b)
@@ -739,7 +871,7 @@ def _distinct_inputs(members: list[Member], tasks: list[list[Task]], j: int
             row_of[key] = rows
             by_fingerprint.setdefault(fingerprint, []).append(rows)
             rows += 1
-    return [row_of[id(m.stream.tasks[j])] for m in members], train[:rows], test[:rows]
+    return [row_of[id(m.stream.tasks[j])] for m in members], _Dense(train[:rows]), _Dense(test[:rows])
 
 
 class _Group:
@@ -748,7 +880,8 @@ class _Group:
     def __init__(self, members: list[Member], models: list[nn.Module], dev: torch.device) -> None:
         self.B, self.dev = len(members), dev
         tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
-        distinct = [_distinct_inputs(members, tasks, j) for j in range(len(tasks[0]))]
+        cache: dict = {}
+        distinct = [_distinct_inputs(members, tasks, j, cache) for j in range(len(tasks[0]))]
         # members that share inputs side by side, so each set's stacked weights are one contiguous slice
         self.order = sorted(range(self.B), key=lambda b: [rows[b] for rows, _, _ in distinct])
         self.members = [members[b] for b in self.order]
@@ -767,8 +900,12 @@ class _Group:
             out: dict[str, Any] = {
                 "rows": rows, "rows_index": torch.tensor(rows, device=self.dev),
                 "sharing": _Sharing.of(rows, self.dev), "train_x": train, "test_x": test,
+                "eval_sharing": None, "input_order": None,
                 "train_y": torch.stack([self.tasks[b][j].train_y for b in range(self.B)]),
                 "test_y": torch.stack([self.tasks[b][j].test_y for b in range(self.B)])}
+        if isinstance(test, _Permuted):  # evaluation reads the shared images, the order folded into the weights
+            out["eval_sharing"] = _Sharing.of([test.base_of[r].item() for r in rows], self.dev, least=1)
+            out["input_order"] = test.inverse[out["rows_index"]]
         heads = [self.tasks[b][j].head for b in range(self.B)]
         out["head"] = None if heads[0] is None else torch.stack(heads)
         return out
@@ -782,9 +919,9 @@ class _Group:
 
     def member_rows(self, d: dict[str, Any], key: str, part: slice = slice(None)) -> torch.Tensor:
         """d[key] (distinct inputs) as one row per member, (B, N, ...); the stored tensor itself when it is."""
-        if d["rows"] == list(range(self.B)):
-            return d[key][:, part]
-        return d[key][d["rows_index"], part]
+        if isinstance(d[key], _Dense) and d["rows"] == list(range(self.B)):
+            return d[key].x[:, part]
+        return d[key].take(d["rows_index"], part)
 
     def rng_key(self, b: int) -> bytes:
         """Member b's random stream state as bytes (equal for members whose streams are equal)."""
@@ -827,11 +964,15 @@ class _Group:
             d = self.data[j]
             gates = self.adapter.gates(j)
             total = torch.zeros(self.B, device=self.dev, dtype=torch.float64)
-            n = d["test_x"].shape[1]
+            n = d["test_x"].n
             for start in range(0, n, 2048):
                 part = slice(start, start + 2048)
-                x = d["test_x"][:, part] if d["sharing"] is not None else self.member_rows(d, "test_x", part)
-                pred = self.predict(x, j, gates, d["sharing"])
+                if d["eval_sharing"] is not None:
+                    pred = self.head(self.net.forward(d["test_x"].scaled()[:, part], gates, d["eval_sharing"],
+                                                      input_order=d["input_order"]), j)
+                else:
+                    x = d["test_x"].x[:, part] if d["sharing"] is not None else self.member_rows(d, "test_x", part)
+                    pred = self.predict(x, j, gates, d["sharing"])
                 y = d["test_y"][:, part]
                 total += ((pred.argmax(2) == y).sum(1) if self.loss_kind == "ce"
                           else ((pred - y) ** 2).mean(2).sum(1))
@@ -910,22 +1051,38 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     return results
 
 
+def _member_bytes(m: Member, model: nn.Module, seen: set[int]) -> tuple[float, set[int]]:
+    """Estimated memory of one member of a batch that already holds the tasks and images in ``seen`` (ids),
+    and the ids it adds."""
+    cost = 8 * count_parameters(model) * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, model)
+    new: set[int] = set()
+    for t in m.stream.tasks:
+        if id(t) in seen | new:
+            continue
+        new.add(id(t))
+        cost += 4 * (t.train_y.numel() + t.test_y.numel())
+        if type(t.transform) is not PixelPermutation:
+            cost += 4 * (t.train_x.numel() + t.test_x.numel())
+            continue
+        for x, scaled in ((t.train_x, False), (t.test_x, True)):  # images held once, as stored (_Permuted)
+            if id(x) not in seen | new:
+                new.add(id(x))
+                cost += x.numel() * (x.element_size() + 4 * scaled)
+    return cost, new
+
+
 def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], budget: float,
             max_members: int | None) -> Iterator[list[int]]:
     """Consecutive runs of members whose estimated memory fits the budget (at least one member each)."""
-    chunk, used, seen_tasks = [], 0.0, set()
+    chunk, used, seen = [], 0.0, set()
     for k in indices:
-        m, params = members[k], count_parameters(models[k])
-        cost = 8 * params * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, models[k])
-        for t in m.stream.tasks:
-            if id(t) not in seen_tasks:
-                seen_tasks.add(id(t))
-                cost += 4 * (t.train_x.numel() + t.test_x.numel() + t.train_y.numel() + t.test_y.numel())
+        cost, new = _member_bytes(members[k], models[k], seen)
         if chunk and (used + cost > budget or (max_members and len(chunk) >= max_members)):
             yield chunk
-            chunk, used = [], 0.0
+            chunk, used, seen = [], 0.0, set()
+            cost, new = _member_bytes(members[k], models[k], seen)
         chunk.append(k)
-        used += cost
+        used, seen = used + cost, seen | new
     if chunk:
         yield chunk
 
@@ -938,7 +1095,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
     stream0, settings = members[0].stream, members[0].strategy.settings()
     bs = settings["batch_size"]
     generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
-    all_full = not adapter.order_matters and all(bs >= d["train_x"].shape[1] for d in g.data)
+    all_full = not adapter.order_matters and all(bs >= d["train_x"].n for d in g.data)
     raw = np.full((B, T + 1, T), np.nan)
     curves: list[list[list[float]]] = [[] for _ in range(B)]
     failed: dict[int, ClbenchError] = {}
@@ -968,7 +1125,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         train_on = [next(k for k, s in enumerate(seen) if s is t)
                     for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
         optimizer = make_optimizer(settings["optimizer"], g.net.params, settings["lr"])
-        steps = max(math.ceil(g.data[t]["train_x"].shape[1] / bs) for t in train_on)
+        steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
         gates = {t: adapter.gates(t) for t in train_on}
         batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
         for curve in curves:
@@ -976,22 +1133,22 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         for epoch in range(settings["epochs"]):
             # the generators serve batch orders only: with every task of the stream full batch, no order is read
             orders = {t: None if all_full else torch.stack([
-                torch.randperm(g.data[t]["train_x"].shape[1], device=dev, generator=gen) for gen in generators])
+                torch.randperm(g.data[t]["train_x"].n, device=dev, generator=gen) for gen in generators])
                 for t in train_on}
             epoch_loss = torch.zeros(B, device=dev)
             for step in range(steps):
                 loss = torch.zeros(B, device=dev)
                 for t in train_on:
                     d, order = g.data[t], orders[t]
-                    if bs >= d["train_x"].shape[1] and not adapter.order_matters:
+                    if bs >= d["train_x"].n and not adapter.order_matters:
                         # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
                         # order, so skip the gather (sums differ from the engine's in rounding only)
-                        x, y = (d["train_x"], d["train_y"]) if d["sharing"] is not None else g.full(t)
+                        x, y = (d["train_x"].all(), d["train_y"]) if d["sharing"] is not None else g.full(t)
                         sharing = d["sharing"]
                     else:
                         idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
                         batch = batches[t]  # members with the same data and seed draw the same batches
-                        x = d["train_x"][batch["rows"][:, None], idx[batch["first"]]]
+                        x = d["train_x"].take(batch["rows"], idx[batch["first"]])
                         y = d["train_y"][g.member_index, idx]
                         sharing = batch["sharing"]
                     out = g.net.forward(x, gates[t], sharing)

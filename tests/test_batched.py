@@ -1,6 +1,7 @@
 """Batched runs give every member the R of its separate run (the slow obvious reference)."""
 import numpy as np
 import pytest
+import torch
 
 from clbench import ClbenchError, make_strategy, make_stream, run
 from clbench.batched import Member, batchable, run_batched
@@ -152,6 +153,45 @@ def test_members_with_equal_inputs_share_one_copy_and_one_matmul():
             want = run(st, make_strategy(name, epochs=epochs, **args), device="cpu", seed=seed, progress=False, **kw)
             np.testing.assert_allclose(got.R, want.R, atol=1e-4)
         assert len({round(r.metrics["acc"], 6) for r in batched}) == len(specs)
+
+
+def test_permuted_images_held_once_per_seed_and_orders_folded_into_the_first_layer(tmp_path):
+    """Permuted-MNIST members keep the stored images once per distinct content (the seeds' training subsets
+    differ, the test set is shared), build training batches with each row's pixel order and evaluate with the
+    order (and an input gate) folded into the first layer's weights; R is still each separate run's."""
+    from fake_data import write_idx_dataset
+
+    from clbench.batched import _distinct_inputs, _Permuted
+
+    root = str(write_idx_dataset(tmp_path / "m", train=300, test=100))
+    streams = {(a, b, seed): make_stream("permuted-mnist", tasks=3, rho_a=a, rho_b=b, train_samples=200, root=root,
+                                         seed=seed) for a in (0.0, 0.5) for b in (0.0, 1.0) for seed in (0, 1)}
+    specs = [(stream, key[2], name, args) for key, stream in streams.items()
+             for name, args in (("finetune", {}), ("activity-gating", {"alpha": 0.6}))]
+    members = [Member(st, make_strategy(name, epochs=2, lr=0.05, **args), seed) for st, seed, name, args in specs]
+    for j, distinct_rows in ((0, 2), (1, 4)):  # task 1: the images as stored; then one order per seed and rho_a
+        rows, train, test = _distinct_inputs(members, [m.stream.tasks for m in members], j)
+        assert isinstance(train, _Permuted) and isinstance(test, _Permuted)
+        assert len(train) == len(test) == len(set(rows)) == distinct_rows
+        assert len(train.base) == 2 and len(test.base) == 1
+        want = members[-1].stream.tasks[j].inputs(members[-1].stream.tasks[j].train_x[:5])
+        assert torch.equal(train.take(torch.tensor([rows[-1]]), torch.arange(5)[None])[0], want)
+    # the memory estimate counts a stream's images once (uint8 as stored, the test set also in float)
+    from clbench.batched import _member_bytes
+    from clbench.models import build_model
+
+    model = build_model("mlp", (1, 28, 28), 10, widths=(16,))
+    first, held = _member_bytes(members[0], model, set())
+    again, _ = _member_bytes(members[1], model, held)  # another strategy on the same stream
+    assert members[1].stream is members[0].stream
+    assert first - again == 3 * 4 * (200 + 100) + 200 * 784 + 100 * 784 * 5
+    kw = {"model_args": {"widths": (16,)}}
+    batched = run_batched(members, device="cpu", **kw)
+    for (st, seed, name, args), got in zip(specs, batched):
+        want = run(st, make_strategy(name, epochs=2, lr=0.05, **args), device="cpu", seed=seed, progress=False, **kw)
+        np.testing.assert_allclose(got.R, want.R, atol=0.011)  # 100 test images: a rounding flip is 0.01
+        np.testing.assert_allclose(got.loss_curves, want.loss_curves, rtol=1e-4)
+    assert len({round(r.metrics["acc"], 6) for r in batched}) > len(specs) // 2
 
 
 def test_unsupported_strategies_say_so():
