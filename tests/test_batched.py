@@ -98,6 +98,45 @@ def test_ewc_diag_fisher_of_a_classifier_computed_in_batch(tmp_path):
         assert len({round(r.metrics["acc"], 6) for r in batched}) > 1
 
 
+def test_true_fisher_in_closed_form_equals_one_backward_per_class(tmp_path, monkeypatch):
+    """The stacked diagonal true Fisher of a Linear or Linear-ReLU-Linear network in closed form (p (1 - p) at
+    the output, (p W^2 - (p W)^2) r^2 at the hidden layer) equals the per-class sum of squared gradients it
+    replaces: cross-entropy with one head and with task heads, ReLU and tanh, and the Gaussian (MSE) Fisher."""
+    from fake_data import write_idx_dataset
+
+    import clbench.batched as batched
+
+    closed_form, per_class = batched._true_fisher_scales, batched._diagonal_fisher
+    used = []
+
+    def counted(*args):
+        scales = closed_form(*args)
+        used.append(scales is not None)
+        return scales
+
+    def both(g, i, batch_size=512):
+        monkeypatch.setattr(batched, "_true_fisher_scales", counted)
+        fast = per_class(g, i, batch_size)
+        monkeypatch.setattr(batched, "_true_fisher_scales", lambda *args: None)
+        slow = per_class(g, i, batch_size)
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-7)
+        assert fast.abs().max() > 0
+        return fast
+
+    monkeypatch.setattr(batched, "_diagonal_fisher", both)
+    root = str(write_idx_dataset(tmp_path / "m", train=300, test=100))
+    cases = [(make_stream("permuted-mnist", tasks=2, root=root), {"widths": (16,)}),
+             (make_stream("split-mnist", scenario="task", root=root), {"widths": (16,), "activation": "tanh"}),
+             (small_ts(0.5, 0.5, 0, mode="sampled", samples=200), {"widths": (16,)}),
+             (small_ts(0.5, 0.5, 0), None)]
+    for stream, model_args in cases:
+        kw = {"model_name": "mlp", "model_args": model_args} if model_args else {}
+        members = [Member(stream, make_strategy("ewc-diag", strength=s, epochs=1, fisher_samples=150), 0)
+                   for s in (1.0, 3.0)]
+        assert not any(isinstance(r, Exception) for r in run_batched(members, device="cpu", **kw))
+    assert len(used) >= len(cases) and all(used)  # the closed form served every case
+
+
 def test_lwf_distillation_with_different_alphas_and_temperatures(tmp_path):
     from fake_data import write_idx_dataset
 
