@@ -844,21 +844,20 @@ def _permuted_inputs(members: list[Member], j: int, dev: torch.device, cache: di
     test images (by content), a row per distinct (train base, test base, pixel order). ``cache`` keeps the
     stacked bases from task to task (the tasks of a permuted stream share their images)."""
     canonical = cache.setdefault("canonical", _Canonical())
-    bases: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] = ({}, {})  # id -> images, per split
+    bases: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] = ({}, {})  # per split: id -> images, in order
     row_of: dict[tuple[int, int, bytes], int] = {}
     rows, base_of, perms = [], ([], []), []
     for member in members:
         task = member.stream.tasks[j]
         which = []
         for split, x in zip(bases, (task.train_x, task.test_x)):
-            x = canonical(x)
-            which.append(list(split).index(id(x)) if id(x) in split else len(split))
-            split.setdefault(id(x), x)
+            x = split.setdefault(id(canonical(x)), canonical(x))
+            which.append(list(split).index(id(x)))
         key = (*which, task.transform.perm.cpu().numpy().tobytes())
         if key not in row_of:
             row_of[key] = len(perms)
-            base_of[0].append(which[0])
-            base_of[1].append(which[1])
+            for of, base in zip(base_of, which):
+                of.append(base)
             perms.append(task.transform.perm)
         rows.append(row_of[key])
     perm, shape = torch.stack(perms).to(dev), (1, *task.transform.shape)
