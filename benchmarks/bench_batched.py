@@ -19,6 +19,7 @@ Parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import shutil
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 import clbench
+from clbench import batched as batched_path
 from clbench.batched import Member, run_batched
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +45,33 @@ def line(name: str, t_seq: float, t_batched: float, runs: int, gap: float, seq_l
          ) -> None:
     print(f"  {name:<28} {seq_label} {t_seq:8.1f} s | batched {t_batched:7.1f} s | {t_seq / t_batched:5.1f}x | "
           f"{runs} runs | largest |R difference| {gap:.2g}", flush=True)
+
+
+@contextlib.contextmanager
+def phase_times() -> dict[str, float]:
+    """Seconds the batched path spends in its once-a-task phases (input preparation, evaluation, the diagonal
+    Fisher), found by wrapping those functions for the duration."""
+    spent: dict[str, float] = {}
+    phases = [(batched_path, "_distinct_inputs", "inputs"), (batched_path._Group, "evaluate", "evaluation"),
+              (batched_path, "_diagonal_fisher", "Fisher")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in phases]
+
+    def timed(function, label):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+        return call
+
+    for (owner, name, label), (_, _, function) in zip(phases, originals):
+        setattr(owner, name, timed(function, label))
+    try:
+        yield spent
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
 
 
 def demo() -> tuple[float, float]:
@@ -136,6 +165,7 @@ def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, 
                for s in range(seeds)}
     task = streams[0].tasks[0]
     flops = matmul_flops([784, *widths, 10], len(task.train_x), len(task.test_x), tasks, 1)
+    eval_flops = matmul_flops([784, *widths, 10], 0, len(task.test_x), tasks, 1)
     rate = matmul_throughput(784, sum(widths) * 4)
     print(f"  matmul ceiling: {flops / 1e9:.1f} GFLOP of training and evaluation matmuls a run at the measured "
           f"{rate / 1e9:.0f} GFLOP/s")
@@ -152,10 +182,11 @@ def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, 
         seq = [clbench.run(streams[s], make(v), device="cpu", seed=s, progress=False, model_args={"widths": widths})
                for v, s in cells]
         t_seq = time.perf_counter() - start
-        start = time.perf_counter()
-        batched = run_batched([Member(streams[s], make(v), s) for v, s in cells], device="cpu",
-                              model_args={"widths": widths})
-        t_batched = time.perf_counter() - start
+        with phase_times() as spent:
+            start = time.perf_counter()
+            batched = run_batched([Member(streams[s], make(v), s) for v, s in cells], device="cpu",
+                                  model_args={"widths": widths})
+            t_batched = time.perf_counter() - start
         gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
         print(f"  {label}")
         line("sweep", t_seq, t_batched, len(cells), gap)
@@ -163,6 +194,11 @@ def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, 
         print(f"  matmul ceiling {floor:.1f} s for the {len(cells)} runs: batched is {t_batched / floor:.1f}x the "
               f"ceiling, one after another {t_seq / floor:.1f}x (the ceiling counts no Fisher, penalty or input "
               "preparation)")
+        training = t_batched - sum(spent.values())
+        eval_floor = len(cells) * eval_flops / rate
+        print(f"  batched by phase: evaluation {spent.get('evaluation', 0):.2f} s (its matmuls alone {eval_floor:.2f} s), "
+              f"training {training:.2f} s (its matmuls alone {floor - eval_floor:.2f} s), inputs "
+              f"{spent.get('inputs', 0):.2f} s, Fisher {spent.get('Fisher', 0):.2f} s")
         if with_avalanche and label.startswith("ewc"):
             lr = seq[0].config["lr"]
             t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths)
