@@ -17,9 +17,12 @@ strategy object, whose model is loaded with the member's weights first; a small
 per-strategy adapter (``ADAPTERS``) then stacks what the hot loop needs
 (anchors, importances, gates, masks, old models) and implements the penalty,
 gating, gradient masks, path integrals, replay or distillation in batched form.
-Members with equal inputs share one copy of them (see ``_Sharing``). A strategy without an
-adapter (l2p, iru, user strategies) or a model of another kind is not
-batchable: :func:`batchable` says why, and callers run it with ``clbench.run``.
+Members with equal inputs share one copy of them (see ``_Sharing``); on
+permuted-pixel streams the stored images are held once and each member's pixel
+order is applied per batch, or folded into the first layer's weights for
+evaluation (see ``_Permuted``). A strategy without an adapter (l2p, iru, user
+strategies) or a model of another kind is not batchable: :func:`batchable` says
+why, and callers run it with ``clbench.run``.
 """
 from __future__ import annotations
 
