@@ -1286,7 +1286,7 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
     finished run before the next one starts (a killed sweep loses only the runs in flight)."""
     import clbench
     from clbench.registry import load_plugin
-    from clbench.sweep import cell_record, cell_stream, cell_stream_args, run_cell
+    from clbench.sweep import cell_record, cell_stream, cell_stream_key, run_cell
 
     for plugin in plugins:
         load_plugin(plugin)
@@ -1296,7 +1296,7 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
     members, single = [], []
     for cell in cells:
         try:
-            key = json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
+            key = cell_stream_key(cell)
             if key not in streams:  # cells on the same stream share its data
                 streams[key] = cell_stream(cell)
             strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])

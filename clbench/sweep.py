@@ -163,6 +163,11 @@ def cell_stream_args(cell: dict[str, Any]) -> dict[str, Any]:
     return stream_args
 
 
+def cell_stream_key(cell: dict[str, Any]) -> str:
+    """Equal for cells that run on the same stream (name, arguments with the seed, split)."""
+    return json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
+
+
 _SYNTHETIC: "OrderedDict[str, Any]" = OrderedDict()  # key -> stream, least recently used first
 SYNTHETIC_CACHE_MB = 256
 
@@ -175,7 +180,7 @@ def cell_stream(cell: dict[str, Any]):
     seed) build it once per worker; streams read from files are built each time."""
     import clbench
 
-    key = json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
+    key = cell_stream_key(cell)
     if key in _SYNTHETIC:
         _SYNTHETIC.move_to_end(key)
         return _SYNTHETIC[key]
