@@ -106,6 +106,25 @@ class _Sharing:
         return _Sharing(rows, torch.tensor(rows, device=device), groups)
 
 
+def _shared_matmul(x: torch.Tensor, w: torch.Tensor, sharing: _Sharing, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """x (V, N, in) times w (B, out, in) transposed, plus bias (B, out) if given -> (B, N, out), member b
+    reading row ``sharing.rows[b]``: one (N, in) x (in, k * out) matmul per row. When one row serves all
+    members in order, the result is a transposed view of that matmul (no copy; bmm reads it as it is)."""
+    B, out, features = w.shape
+    groups = sharing.groups
+    if len(groups) == 1 and groups[0][1] == slice(0, B):
+        flat = x[groups[0][0]] @ w.reshape(-1, features).T
+        if bias is not None:
+            flat += bias.reshape(-1)
+        return flat.view(x.shape[1], B, out).transpose(0, 1)
+    y = x.new_empty(B, x.shape[1], out)
+    for row, members in groups:
+        wg = w[members]
+        y[members] = (x[row] @ wg.reshape(-1, features).T).view(x.shape[1], len(wg), -1).transpose(0, 1)
+    return y if bias is None else y.add_(bias[:, None, :])
+
+
 class _SharedLinear(torch.autograd.Function):
     """Members' first layer on shared inputs: x (V, N, in), w (B, out, in) -> (B, N, out), member b reading
     row ``sharing.rows[b]`` of x. The input needs no gradient (it is data)."""
@@ -114,11 +133,7 @@ class _SharedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, sharing: _Sharing) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.sharing = sharing
-        y = x.new_empty(w.shape[0], x.shape[1], w.shape[1])
-        for row, members in sharing.groups:
-            wg = w[members]
-            y[members] = (x[row] @ wg.reshape(-1, wg.shape[2]).T).view(x.shape[1], len(wg), -1).transpose(0, 1)
-        return y
+        return _shared_matmul(x, w, sharing)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
@@ -156,37 +171,54 @@ class _Net:
 
     def forward(self, x: torch.Tensor, gates: list[torch.Tensor | None] | None = None,
                 sharing: _Sharing | None = None, capture: list | None = None,
-                input_order: torch.Tensor | None = None) -> torch.Tensor:
+                first_weight: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, *input) -> (B, N, outputs); ``gates[k]`` (B, in) multiplies the input of Linear k.
 
         With ``sharing``, x is (V, N, *input) and member b reads row ``sharing.rows[b]`` (members with the
-        same data and batch order); the first Linear layer maps it to (B, N, out). ``input_order`` (B, in),
-        with sharing: member b's first layer reads input unit input_order[b, i] as its unit i (a pixel
-        permutation folded into the weights). ``capture`` (ungated, unshared calls) receives (Linear index, its
-        input, its output) per Linear layer."""
+        same data and batch order); the first Linear layer maps it to (B, N, out). ``first_weight``, with
+        sharing: the first Linear's weights to use instead, its gate already folded in (see folded_first).
+        ``capture`` (ungated, unshared calls) receives (Linear index, its input, its output) per Linear layer."""
+        # without autograd (evaluation): bias and ReLU applied in place, no (B, N, width) temporaries
+        in_place = not torch.is_grad_enabled() and capture is None
+        made_here = False  # whether x is a tensor made in this call (one an in-place ReLU may overwrite)
         for op, arg in self.ops:
             if op == "flatten":
                 x = x.flatten(2)
             elif op == "linear":
                 w, b = self.linears[arg]
-                inputs = x
-                weight = self.params[w]
+                inputs, weight, bias = x, self.params[w], None if b is None else self.params[b]
                 gate = None if gates is None else gates[arg]
                 if sharing is not None:  # a gate on the shared input is folded into the weights
-                    weight = weight if gate is None else weight * gate[:, None, :]
-                    if input_order is not None:
-                        weight = weight.gather(2, input_order[:, None, :].expand_as(weight))
-                    x = _SharedLinear.apply(x, weight, sharing)
+                    weight = self.folded_first(gate) if first_weight is None else first_weight
+                    if in_place:
+                        x, bias = _shared_matmul(x, weight, sharing, bias), None
+                    else:
+                        x = _SharedLinear.apply(x, weight, sharing)
                     sharing = None
+                elif in_place:
+                    x = x if gate is None else x * gate[:, None, :]
+                    x = (torch.bmm(x, weight.transpose(1, 2)) if bias is None
+                         else torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2)))
+                    bias = None
                 else:
                     x = _StackedLinear.apply(x if gate is None else x * gate[:, None, :], weight)
-                if b is not None:
-                    x = x + self.params[b][:, None, :]
+                if bias is not None:
+                    x = x + bias[:, None, :]
                 if capture is not None:
                     capture.append((arg, inputs, x))
+                made_here = True
+            elif in_place and made_here and isinstance(arg, nn.ReLU):
+                x = x.relu_()
             else:
-                x = arg(x)
+                x, made_here = arg(x), True
         return x
+
+    def folded_first(self, gate: torch.Tensor | None, input_order: torch.Tensor | None = None) -> torch.Tensor:
+        """The first Linear's weights (B, out, in) times its input gate (B, in), with member b reading input
+        unit input_order[b, i] as its unit i (a pixel permutation folded into the weights)."""
+        weight = self.params[self.linears[0][0]]
+        weight = weight if gate is None else weight * gate[:, None, :]
+        return weight if input_order is None else weight.gather(2, input_order[:, None, :].expand_as(weight))
 
     def flat(self) -> torch.Tensor:
         """(B, P): every member's parameters in ``model.parameters()`` order (differentiable; a view of the
@@ -1006,11 +1038,13 @@ class _Group:
             gates = self.adapter.gates(j)
             total = torch.zeros(self.B, device=self.dev, dtype=torch.float64)
             n = d["test_x"].n
+            folded = (None if d["eval_sharing"] is None  # once a task, not once a chunk
+                      else self.net.folded_first(None if gates is None else gates[0], d["input_order"]))
             for start in range(0, n, 2048):
                 part = slice(start, start + 2048)
-                if d["eval_sharing"] is not None:
+                if folded is not None:
                     pred = self.head(self.net.forward(d["test_x"].scaled()[:, part], gates, d["eval_sharing"],
-                                                      input_order=d["input_order"]), j)
+                                                      first_weight=folded), j)
                 else:
                     x = d["test_x"].x[:, part] if d["sharing"] is not None else self.member_rows(d, "test_x", part)
                     pred = self.predict(x, j, gates, d["sharing"])
