@@ -41,7 +41,7 @@ from torch import nn
 
 from clbench import metrics
 from clbench.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, _scores, make_optimizer, resolve_device,
-                            versions)
+                            seed_torch, versions)
 from clbench.errors import ClbenchError
 from clbench.fisher import fisher_losses
 from clbench.models import ACTIVATIONS, build_model, count_parameters
@@ -1103,7 +1103,7 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     models, groups = [], {}
     for k, m in enumerate(members):
         why = batchable(m.stream, m.strategy)
-        torch.manual_seed(m.seed)  # the engine's order: seed, model, strategy setup
+        seed_torch(m.seed, dev)  # the engine's order: seed, model, strategy setup
         name = model_name or m.stream.defaults.model
         args = dict(m.stream.defaults.model_args) if model_name is None else {}
         args.update(model_args or {})

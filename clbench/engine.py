@@ -65,6 +65,15 @@ class TrainingDiverged(ClbenchError):
         return type(self), (str(self), self.partial)
 
 
+def seed_torch(seed: int, dev: torch.device) -> None:
+    """torch.manual_seed(seed); on a machine without CUDA, for a CPU run, only the CPU generator (what
+    manual_seed seeds there), skipping the lazily queued CUDA seeding that records a traceback (0.2 ms a run)."""
+    if dev.type == "cpu" and not torch.cuda.is_available():
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 def _finite(obj: Any) -> Any:
     """JSON has no NaN: write None instead."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -192,7 +201,7 @@ def run(
     dev = resolve_device(device)
     if precision not in ("fp32", "bf16"):
         raise ClbenchError(f"precision must be fp32 or bf16, got {precision!r}")
-    torch.manual_seed(seed)
+    seed_torch(seed, dev)
     if model is None:
         name = model_name or stream.defaults.model
         args = dict(stream.defaults.model_args) if model_name is None else {}
