@@ -114,9 +114,16 @@ def lookup(kind: str, name: str) -> Any:
     return registry[name]
 
 
-@functools.lru_cache(maxsize=None)
 def _parameters(fn: Callable) -> tuple[inspect.Parameter, ...]:
     """inspect.signature's parameters, once per function (a sweep checks every cell's arguments: 0.3 ms each)."""
+    try:
+        return _signature_parameters(fn)
+    except TypeError:  # an unhashable callable (or not a callable: signature raises that itself)
+        return tuple(inspect.signature(fn).parameters.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_parameters(fn: Callable) -> tuple[inspect.Parameter, ...]:
     return tuple(inspect.signature(fn).parameters.values())
 
 

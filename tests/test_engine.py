@@ -120,3 +120,25 @@ def test_custom_model_registers():
     r = run(small_stream(), make_strategy("finetune", epochs=2), model_name="test-tiny", model_args={"hidden": 4},
             device="cpu", progress=False)
     assert r.parameter_count == 200 * 4 + 4 + 4 * 5 + 5
+
+
+def test_arguments_of_an_unhashable_builder():
+    """Signatures are cached per function; a builder that cannot be a cache key (an instance of a dataclass,
+    which defines __eq__ and so no hash) is still read, and a wrong argument still named."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Tiny:
+        scale: float = 1.0
+
+        def __call__(self, input_shape, num_outputs, hidden: int = 3):
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0], hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, num_outputs))
+
+    clbench.register_model("test-unhashable")(Tiny())
+    r = run(small_stream(), make_strategy("finetune", epochs=1), model_name="test-unhashable",
+            model_args={"hidden": 4}, device="cpu", progress=False)
+    assert r.parameter_count == 200 * 4 + 4 + 4 * 5 + 5
+    with pytest.raises(ClbenchError, match="hiden"):
+        run(small_stream(), make_strategy("finetune", epochs=1), model_name="test-unhashable",
+            model_args={"hiden": 4}, device="cpu", progress=False)
