@@ -16,7 +16,7 @@ Parts (``--parts``, default all):
   is timed ``--repeat`` times, interleaved, and the best kept; the rate is the best of as many measurements
   (this part's figures otherwise swing by 20% on a shared VM).
 
-    python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1]
+    python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1] [--repeat 3]
 """
 from __future__ import annotations
 
