@@ -16,7 +16,7 @@ Parts (``--parts``, default all):
   is timed ``--repeat`` times, interleaved, and the best kept; the rate is the best of as many measurements
   (this part's figures otherwise swing by 20% on a shared VM).
 
-    python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1] [--repeat 3]
+    python benchmarks/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1] [--repeat 3] [--device cuda]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def phase_times() -> dict[str, float]:
             setattr(owner, name, function)
 
 
-def demo() -> tuple[float, float]:
+def demo(device: str) -> tuple[float, float]:
     from clbench.cli import DEMO_GRID, DEMO_SEEDS, DEMO_STRATEGIES
 
     grid = [((a, b), s) for a in DEMO_GRID for b in DEMO_GRID for s in range(DEMO_SEEDS)]
@@ -85,12 +85,12 @@ def demo() -> tuple[float, float]:
     for label, name, args in DEMO_STRATEGIES:
         streams = [clbench.make_stream("teacher-student", rho_a=a, rho_b=b, seed=s) for (a, b), s in grid]
         start = time.perf_counter()
-        seq = [clbench.run(st, clbench.make_strategy(name, **args), device="cpu", seed=s, progress=False)
+        seq = [clbench.run(st, clbench.make_strategy(name, **args), device=device, seed=s, progress=False)
                for st, (_, s) in zip(streams, grid)]
         t_seq = time.perf_counter() - start
         start = time.perf_counter()
         batched = run_batched([Member(st, clbench.make_strategy(name, **args), s) for st, (_, s) in zip(streams, grid)],
-                              device="cpu")
+                              device=device)
         t_batched = time.perf_counter() - start
         gap = max(float(np.abs(np.array(b.R) - np.array(r.R)).max()) for b, r in zip(batched, seq))
         line(label, t_seq, t_batched, len(grid), gap)
@@ -125,7 +125,8 @@ def ts_sweep(seeds: int, jobs: int) -> None:
     print("  largest |R difference| per strategy: " + ", ".join(f"{k} {v:.1g}" for k, v in gaps.items()))
 
 
-def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, widths: tuple[int, ...]) -> float:
+def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, widths: tuple[int, ...],
+                  device: str) -> float:
     """One cell in Avalanche: its PermutedMNIST generator on the Fashion-MNIST files, its EWC strategy."""
     from avalanche.benchmarks.classic import PermutedMNIST
     from avalanche.training import EWC
@@ -146,7 +147,7 @@ def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, wi
     benchmark = PermutedMNIST(tasks, seed=0, dataset_root=root)
     model = clbench.build_model("mlp", (1, 28, 28), 10, widths=widths)
     strategy = EWC(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=torch.nn.CrossEntropyLoss(),
-                   ewc_lambda=strength, train_mb_size=128, train_epochs=1, eval_mb_size=1024, device="cpu",
+                   ewc_lambda=strength, train_mb_size=128, train_epochs=1, eval_mb_size=1024, device=device,
                    evaluator=None)
     for experience in benchmark.train_stream:
         # the same number of training images per task as the clbench cells
@@ -159,7 +160,7 @@ def avalanche_ewc(tasks: int, train_samples: int, strength: float, lr: float, wi
 
 
 def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, train_samples: int,
-           with_avalanche: bool, repeat: int) -> None:
+           with_avalanche: bool, repeat: int, device: str) -> None:
     widths = (100,)
     print(f"permuted Fashion-MNIST sweeps: {tasks} tasks, {train_samples} training images, 1 epoch, MLP 784-100-10, "
           f"SGD, batch 128; each time the best of {repeat} (the ceiling's rate the best of {repeat} measurements)")
@@ -178,14 +179,14 @@ def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, 
         t_seq = t_batched = float("inf")
         rate = 0.0
         for _ in range(repeat):  # interleaved, so that a slow spell of the machine hits every side alike
-            rate = max(rate, matmul_throughput(784, sum(widths) * 4, seconds=0.5))
+            rate = max(rate, matmul_throughput(784, sum(widths) * 4, seconds=0.5, device=device))
             start = time.perf_counter()
-            seq = [clbench.run(streams[s], make(v), device="cpu", seed=s, progress=False,
+            seq = [clbench.run(streams[s], make(v), device=device, seed=s, progress=False,
                                model_args={"widths": widths}) for v, s in cells]
             t_seq = min(t_seq, time.perf_counter() - start)
             with phase_times() as phases:
                 start = time.perf_counter()
-                batched = run_batched([Member(streams[s], make(v), s) for v, s in cells], device="cpu",
+                batched = run_batched([Member(streams[s], make(v), s) for v, s in cells], device=device,
                                       model_args={"widths": widths})
                 elapsed = time.perf_counter() - start
             if elapsed < t_batched:
@@ -204,7 +205,7 @@ def fmnist(strengths: list[float], finetune_seeds: int, seeds: int, tasks: int, 
               f"{spent.get('inputs', 0):.2f} s, Fisher {spent.get('Fisher', 0):.2f} s")
         if with_avalanche and label.startswith("ewc"):
             lr = seq[0].config["lr"]
-            t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths)
+            t_av = avalanche_ewc(tasks, train_samples, strengths[0], lr, widths, device)
             print(f"  avalanche, one cell (EWC strength {strengths[0]}): {t_av:.1f} s; clbench one cell "
                   f"{t_seq / len(cells):.1f} s, batched {t_batched / len(cells):.2f} s a cell "
                   f"({t_av / (t_batched / len(cells)):.0f}x)", flush=True)
@@ -223,19 +224,22 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--no-avalanche", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="fmnist: time each side this many times, keep the best")
+    parser.add_argument("--device", default="cpu", help="demo and fmnist parts (cpu, cuda); the ts part runs the "
+                        "sweep file's device (cpu)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {card}")
     if "demo" in parts:
-        demo()
+        demo(args.device)
     if "ts" in parts:
         ts_sweep(args.ts_seeds, args.ts_jobs)
     if "fmnist" in parts:
         fmnist([float(s) for s in args.strengths.split(",")], args.finetune_seeds, args.seeds,
-               args.tasks, args.train_samples, not args.no_avalanche, args.repeat)
+               args.tasks, args.train_samples, not args.no_avalanche, args.repeat, args.device)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,19 @@ def matmul_flops(dims: list[int], train_samples: int, test_samples: int, tasks: 
     return tasks * epochs * train_samples * (forward + backward) + (tasks + 1) * tasks * test_samples * forward
 
 
-def matmul_throughput(k: int, n: int, seconds: float = 1.0) -> float:
-    """Best fp32 matmul rate (FLOP/s) of this machine at a large, friendly shape."""
-    a, b = torch.randn(2048, k), torch.randn(k, n)
+def matmul_throughput(k: int, n: int, seconds: float = 1.0, device: str = "cpu") -> float:
+    """Best fp32 matmul rate (FLOP/s) of this machine (or ``device``) at a large, friendly shape."""
+    a, b = torch.randn(2048, k, device=device), torch.randn(k, n, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+        if count % 16 == 0:
+            sync()
+    sync()
     return count * 2 * 2048 * k * n / (time.perf_counter() - start)
 
 
@@ -67,14 +72,13 @@ def main() -> None:
     print(f"one after another: {len(seeds) / t_separate:6.2f} runs/s ({t_separate:.1f} s)")
     print(f"vectorised       : {len(seeds) / t_batched:6.2f} runs/s ({t_batched:.1f} s)")
     print(f"speed-up         : {t_separate / t_batched:.1f}x   (largest |R difference| {gap:.4f})")
-    if args.device == "cpu":
-        dims = [784, *model_args["widths"], 10]
-        task = stream.tasks[0]
-        flops = matmul_flops(dims, len(task.train_x), len(task.test_x), len(stream.tasks), args.epochs)
-        rate = matmul_throughput(784, sum(model_args["widths"]) * 4)
-        floor = len(seeds) * flops / rate
-        print(f"ceiling          : {len(seeds) / floor:6.2f} runs/s ({floor:.1f} s): {flops / 1e9:.0f} GFLOP of matmuls "
-              f"a run at {rate / 1e9:.0f} GFLOP/s; no batching can beat {t_separate / floor:.1f}x here")
+    dims = [784, *model_args["widths"], 10]
+    task = stream.tasks[0]
+    flops = matmul_flops(dims, len(task.train_x), len(task.test_x), len(stream.tasks), args.epochs)
+    rate = matmul_throughput(784, sum(model_args["widths"]) * 4, device=args.device)
+    floor = len(seeds) * flops / rate
+    print(f"ceiling          : {len(seeds) / floor:6.2f} runs/s ({floor:.1f} s): {flops / 1e9:.0f} GFLOP of matmuls "
+          f"a run at {rate / 1e9:.0f} GFLOP/s; no batching can beat {t_separate / floor:.1f}x here")
 
 
 if __name__ == "__main__":
