@@ -11,22 +11,22 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from clbench.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
-from clbench.errors import ClbenchError  # noqa: E402
-from clbench.models import build_model  # noqa: E402
-from clbench.registry import (  # noqa: E402
+from clbench.core.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
+from clbench.core.errors import ClbenchError  # noqa: E402
+from clbench.models.networks import build_model  # noqa: E402
+from clbench.core.registry import (  # noqa: E402
     load_plugin,
     register_model,
     register_strategy,
     register_stream,
 )
-from clbench.strategy import Strategy  # noqa: E402
-from clbench.types import Stream, Task, TrainDefaults  # noqa: E402
+from clbench.core.strategy import Strategy  # noqa: E402
+from clbench.core.types import Stream, Task, TrainDefaults  # noqa: E402
 
 
 def make_stream(name: str, **args: Any) -> Stream:
     """Build a registered stream by name, checking its arguments."""
-    from clbench.registry import check_arguments, lookup
+    from clbench.core.registry import check_arguments, lookup
 
     builder = lookup("stream", name)
     return builder(**check_arguments("stream", name, builder, args))
@@ -34,7 +34,7 @@ def make_stream(name: str, **args: Any) -> Stream:
 
 def make_strategy(name: str, **args: Any) -> Strategy:
     """Build a registered strategy by name, checking its arguments."""
-    from clbench.registry import check_arguments, lookup
+    from clbench.core.registry import check_arguments, lookup
 
     cls = lookup("strategy", name)
     return cls(**check_arguments("strategy", name, cls, args))

@@ -1,5 +1,5 @@
 import sys
 
-from clbench.cli import main
+from clbench.cli.main import main
 
 sys.exit(main())

@@ -37,9 +37,9 @@ from dataclasses import replace
 import torch
 from torch.func import functional_call
 
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
-from clbench.types import Task
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
+from clbench.core.types import Task
 from clbench.strategies.activity_gating import ActivityGating, random_gate
 
 RULES = ("paper", "normalised", "fresh")

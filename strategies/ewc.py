@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from clbench import fisher
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
+from clbench.fisher import estimators as fisher
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
 from clbench.strategies.l2 import strength_from_gamma
-from clbench.strategy import Strategy, parameter_vector
-from clbench.types import Task
+from clbench.core.strategy import Strategy, parameter_vector
+from clbench.core.types import Task
 
 FORMS = ("per-task", "online")
 
@@ -115,7 +115,7 @@ class EWCDiag(Strategy):
     def extra_results(self) -> dict:
         return {"fisher": self.fisher_kind, "ewc_form": self.form}
 
-    # The single (Fisher, anchor) pair by name, for clbench.batched, which runs the online form (and the
+    # The single (Fisher, anchor) pair by name, for clbench.batched.run, which runs the online form (and the
     # per-task form on two-task streams, where the two are the same) and reads and writes these.
     @property
     def importance(self) -> Any:
@@ -154,8 +154,8 @@ class EWCFull(EWCDiag):
             form = "exact" if fisher.full_fits(self, task, self.fisher_samples, self.fisher_kind,
                                                self.max_entries) else "kfac"
         self.form_used = form
-        if form == "layerwise":  # Hiratani 2024's layer-wise Fisher for ReLU MLPs (clbench.layerwise_fisher)
-            from clbench.layerwise_fisher import layerwise
+        if form == "layerwise":  # Hiratani 2024's layer-wise Fisher for ReLU MLPs (clbench.fisher.layerwise)
+            from clbench.fisher.layerwise import layerwise
 
             return "kfac", [(m, A, G, 1.0) for m, A, G in layerwise(self, task, self.fisher_samples)]
         if form == "kfac":

@@ -1,6 +1,6 @@
 """Finetune: plain sequential training, the lower bound of every benchmark."""
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
 
 
 @register_strategy("finetune")

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Stream, Task
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Stream, Task
 
 
 class RankUpdateLayer(nn.Module):

@@ -1,7 +1,7 @@
 """Joint training: the upper bound, training on every task seen so far."""
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Task
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Task
 
 
 @register_strategy("joint")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy, parameter_vector
-from clbench.types import Stream, Task
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy, parameter_vector
+from clbench.core.types import Stream, Task
 
 
 def strength_from_gamma(gamma: float, stream: Stream, metric: str = "euclidean") -> float:

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Stream, Task
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Stream, Task
 
 
 def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str | None,
@@ -39,7 +39,7 @@ def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str
     """A frozen timm ViT (no classifier) and a description of where its weights came from."""
     import timm
 
-    from clbench.pretrain import checkpoint_metadata
+    from clbench.models.pretrain import checkpoint_metadata
 
     if checkpoint and pretrained:
         raise ClbenchError("give either backbone_checkpoint=PATH or backbone_pretrained=true, not both")

@@ -19,9 +19,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Task
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Task
 
 
 @register_strategy("lwf")

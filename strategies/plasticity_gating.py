@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clbench.errors import ClbenchError, check_unit_interval
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Stream, Task
+from clbench.core.errors import ClbenchError, check_unit_interval
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Stream, Task
 from clbench.strategies.activity_gating import random_gate
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from clbench.errors import ClbenchError
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy
-from clbench.types import Task
+from clbench.core.buffer import last_writers, reservoir_slots
+from clbench.core.errors import ClbenchError
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
+from clbench.core.types import Task
 
 
 @register_strategy("replay")
@@ -59,18 +60,8 @@ class Replay(Strategy):
             self.y = torch.empty((self.buffer_size, *y.shape[1:]), dtype=y.dtype, device=y.device)
             self.task_ids = torch.empty(self.buffer_size, dtype=torch.long, device=x.device)
         n = len(x)
-        index = torch.arange(self.seen, self.seen + n, device=x.device)
-        slot = torch.where(index < self.buffer_size, index,
-                           (torch.rand(n, device=x.device) * (index + 1)).long())
-        # Two samples of one batch may draw the same slot; sequential reservoir sampling keeps the later
-        # one. Index assignment with repeated indices leaves the winner to the thread schedule, so pick
-        # the last writer of every slot explicitly (deterministic for any thread count).
-        last = torch.full((self.buffer_size,), -1, dtype=torch.long, device=x.device)
-        kept = (slot < self.buffer_size).nonzero().squeeze(1)
-        last.scatter_reduce_(0, slot[kept], kept, reduce="amax")
-        slots = (last >= 0).nonzero().squeeze(1)
-        source = last[slots]
-        self.x[slots], self.y[slots], self.task_ids[slots] = x[source], y[source], task.id
+        slot, source = last_writers(reservoir_slots(self.seen, n, self.buffer_size, x.device), self.buffer_size)
+        self.x[slot], self.y[slot], self.task_ids[slot] = x[source], y[source], task.id
         self.seen += n
         self.filled = min(self.seen, self.buffer_size)
 

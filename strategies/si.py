@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from clbench.registry import register_strategy
-from clbench.strategy import Strategy, parameter_vector
-from clbench.types import Task
+from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy, parameter_vector
+from clbench.core.types import Task
 
 
 @register_strategy("si")

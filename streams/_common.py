@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clbench.errors import ClbenchError, warn
+from clbench.core.errors import ClbenchError, warn
 
 
 def cyclic_derangement(items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

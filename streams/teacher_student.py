@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from clbench.errors import ClbenchError, check_unit_interval
-from clbench.progress import steps
-from clbench.registry import register_stream
-from clbench.types import Stream, Task, TrainDefaults
+from clbench.core.errors import ClbenchError, check_unit_interval
+from clbench.core.progress import steps
+from clbench.core.registry import register_stream
+from clbench.core.types import Stream, Task, TrainDefaults
 
 
 def theory(rho_a: float, rho_b: float) -> dict[str, float]:

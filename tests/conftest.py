@@ -27,7 +27,7 @@ def cli():
 def real_fashion_mnist() -> Path:
     """The folder of the real Fashion-MNIST files. Skips, saying how to get them, where they are absent;
     fails instead under CLBENCH_REQUIRE_REAL_DATA=1 (set by .ci/run, which installs them)."""
-    from clbench import data
+    from clbench.data import datasets as data
 
     found = data.locate("fashion-mnist")
     if found is None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clbench.data import IDX_FILES
+from clbench.data.datasets import IDX_FILES
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

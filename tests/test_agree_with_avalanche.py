@@ -1,4 +1,4 @@
-"""benchmarks/agree_with_avalanche.py on a tiny stream: clbench and Avalanche give the same R."""
+"""perf/agree_with_avalanche.py on a tiny stream: clbench and Avalanche give the same R."""
 import importlib.util
 import sys
 
@@ -12,7 +12,7 @@ from fake_data import write_idx_dataset
 
 @pytest.fixture(scope="module")
 def agree():
-    spec = importlib.util.spec_from_file_location("agree", ROOT / "benchmarks" / "agree_with_avalanche.py")
+    spec = importlib.util.spec_from_file_location("agree", ROOT / "perf" / "agree_with_avalanche.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["agree"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

@@ -1,6 +1,6 @@
 """Bad input: a clear one-line error (or an honest warning), nothing lost, no code run.
 
-Every case of issue 9, section 3, reproduced through the real CLI (``clbench.cli.main`` in this process,
+Every case of issue 9, section 3, reproduced through the real CLI (``clbench.cli.main.main`` in this process,
 which is what the ``clbench`` script runs, or the ``cli`` fixture's subprocess where a process boundary
 matters) or through the Python API. No test depends on the machine's speed: where a test waits for
 something, it polls with a generous bound.
@@ -25,10 +25,13 @@ import pytest
 import torch
 
 import clbench
-from clbench import ClbenchError, data, progress, registry
-from clbench.cli import main
-from clbench.errors import ClbenchWarning
-from clbench.types import Stream, Task, TrainDefaults
+from clbench import ClbenchError
+from clbench.data import datasets as data
+from clbench.core import progress
+from clbench.core import registry
+from clbench.cli.main import main
+from clbench.core.errors import ClbenchWarning
+from clbench.core.types import Stream, Task, TrainDefaults
 from fake_data import write_cifar, write_idx_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clbench import ClbenchError, make_strategy, make_stream, run
-from clbench.batched import Member, batchable, run_batched
+from clbench.batched.run import Member, batchable, run_batched
 
 GRID = [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
 
@@ -104,7 +104,7 @@ def test_true_fisher_in_closed_form_equals_one_backward_per_class(tmp_path, monk
     replaces: cross-entropy with one head and with task heads, ReLU and tanh, and the Gaussian (MSE) Fisher."""
     from fake_data import write_idx_dataset
 
-    import clbench.batched as batched
+    import clbench.batched.run as batched
 
     closed_form, per_class = batched._true_fisher_scales, batched._diagonal_fisher
     used = []
@@ -173,7 +173,7 @@ def test_si_and_replay_sampled_minibatches():
 def test_members_with_equal_inputs_share_one_copy_and_one_matmul():
     """Members whose inputs are equal read one stacked copy: separate streams of one seed and rho_a (any rho_b)
     hold equal inputs, and members of one seed draw the same batches; R is still each separate run's."""
-    from clbench.batched import _distinct_inputs, _Sharing
+    from clbench.batched.run import _distinct_inputs, _Sharing
 
     exact = [(small_ts(0.5, b, 0), "activity-gating", {"alpha": a}, 0)  # a gate on the shared input layer
              for b, a in ((0.0, 0.2), (0.3, 0.4), (0.6, 0.6), (1.0, 0.8))]
@@ -200,7 +200,7 @@ def test_permuted_images_held_once_per_seed_and_orders_folded_into_the_first_lay
     order (and an input gate) folded into the first layer's weights; R is still each separate run's."""
     from fake_data import write_idx_dataset
 
-    from clbench.batched import _distinct_inputs, _Permuted
+    from clbench.batched.run import _distinct_inputs, _Permuted
 
     root = str(write_idx_dataset(tmp_path / "m", train=300, test=100))
     streams = {(a, b, seed): make_stream("permuted-mnist", tasks=3, rho_a=a, rho_b=b, train_samples=200, root=root,
@@ -216,8 +216,8 @@ def test_permuted_images_held_once_per_seed_and_orders_folded_into_the_first_lay
         want = members[-1].stream.tasks[j].inputs(members[-1].stream.tasks[j].train_x[:5])
         assert torch.equal(train.take(torch.tensor([rows[-1]]), torch.arange(5)[None])[0], want)
     # the memory estimate counts a stream's images once (uint8 as stored, the test set also in float)
-    from clbench.batched import _member_bytes
-    from clbench.models import build_model
+    from clbench.batched.run import _member_bytes
+    from clbench.models.networks import build_model
 
     model = build_model("mlp", (1, 28, 28), 10, widths=(16,))
     first, held = _member_bytes(members[0], model, set())
@@ -241,9 +241,9 @@ def test_unsupported_strategies_say_so():
 
 
 def test_sweep_batches_cells_into_the_same_records_and_resumes(tmp_path):
-    from clbench import sweep
-    from clbench.batched import plan
-    from clbench.store import Store
+    from clbench.experiments import sweep
+    from clbench.batched.run import plan
+    from clbench.experiments.store import Store
 
     spec = sweep.inline_spec(["teacher-student"], {"input_dim": 100, "latent_dim": 8, "rho_a": (0.0, 0.5, 1.0)},
                              ["l2", "activity-gating"], {"epochs": 10}, [0, 1])

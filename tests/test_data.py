@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import ClbenchError, data
+from clbench import ClbenchError
+from clbench.data import datasets as data
 from fake_data import write_cifar, write_idx_dataset
 
 

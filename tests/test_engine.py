@@ -9,7 +9,7 @@ import torch
 
 import clbench
 from clbench import ClbenchError, TrainingDiverged, make_strategy, make_stream, run
-from clbench.registry import load_plugin
+from clbench.core.registry import load_plugin
 
 HERE = Path(__file__).parent
 
@@ -90,7 +90,7 @@ def test_ewc_full_refuses_models_too_large_and_names_kfac():
 
 
 def test_ewc_diag_fisher_is_the_diagonal_of_the_full_fisher():
-    from clbench import fisher
+    from clbench.fisher import estimators as fisher
 
     s = small_stream()
     strategy = make_strategy("ewc-full", epochs=2)
@@ -103,7 +103,7 @@ def test_ewc_diag_fisher_is_the_diagonal_of_the_full_fisher():
 
 def test_user_strategy_registers_and_runs_through_the_api():
     load_plugin(str(HERE / "plugin_strategy.py"))
-    assert "test-shrink" in clbench.registry.names("strategy")
+    assert "test-shrink" in clbench.core.registry.names("strategy")
     r = run(small_stream(), make_strategy("test-shrink", strength=0.1), device="cpu", progress=False)
     assert r.extra["tasks_seen"] == 2
     plain = run(small_stream(), make_strategy("finetune"), device="cpu", progress=False)

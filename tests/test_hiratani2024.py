@@ -116,7 +116,7 @@ def test_permuted_stream_options_of_the_authors(tmp_path, monkeypatch):
 
 
 def test_small_mlp_init_and_unshuffled_training():
-    from clbench.models import build_model
+    from clbench.models.networks import build_model
 
     model = build_model("mlp", (1, 28, 28), 10, widths=(1500,), init="small")
     w = model[1].weight
@@ -137,9 +137,9 @@ def test_layerwise_fisher_gradient_is_the_authors_update():
     """pm_model.py update_wr_fim: dW2_reg = dW2 Phi / ||Phi||, dW1_reg = D W2^T W2 D dW1 X / (||W2^T W2|| ||X||)."""
     import torch
 
-    from clbench.models import build_model
-    from clbench.layerwise_fisher import layerwise
-    from clbench.types import Stream, Task, TrainDefaults
+    from clbench.models.networks import build_model
+    from clbench.fisher.layerwise import layerwise
+    from clbench.core.types import Stream, Task, TrainDefaults
 
     torch.manual_seed(0)
     x = torch.randn(64, 12)

@@ -102,7 +102,7 @@ def test_split_streams_class_and_task_incremental(mnist_root, tmp_path):
 
 
 def test_augmentation_crops_and_flips_on_the_device():
-    from clbench.transforms import RandomCropFlip
+    from clbench.data.transforms import RandomCropFlip
 
     torch.manual_seed(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
@@ -118,7 +118,7 @@ def test_augmentation_crops_and_flips_on_the_device():
 
 
 def test_models_for_images_run(tmp_path):
-    from clbench.models import build_model
+    from clbench.models.networks import build_model
 
     x = torch.randn(2, 3, 32, 32)
     assert build_model("resnet18-reduced", (3, 32, 32), 10)(x).shape == (2, 10)

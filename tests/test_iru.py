@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import clbench
-from clbench.types import Stream, Task, TrainDefaults
+from clbench.core.types import Stream, Task, TrainDefaults
 
 
 def permuted_stream(T=3, n=256, side=6, classes=2, seed=0, scenario="task"):

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from clbench import fisher, make_strategy, make_stream, run
-from clbench.types import Stream, Task, TrainDefaults
+from clbench import make_strategy, make_stream, run
+from clbench.fisher import estimators as fisher
+from clbench.core.types import Stream, Task, TrainDefaults
 
 
 def regression_stream(n=4000, d=12, out=3, seed=0):

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from clbench import metrics
-from clbench.errors import ClbenchError
+from clbench.core import metrics
+from clbench.core.errors import ClbenchError
 
 # rows: before training, after task 1, 2, 3; columns: tasks 1..3
 R = np.array([

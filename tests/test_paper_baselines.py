@@ -52,7 +52,7 @@ def test_lwf_weighs_distillation_by_lambda_o_without_a_hidden_t_squared(mnist_ro
     """Li & Hoiem: loss = task loss + lambda_o * soft cross-entropy at T (here as KL: same up to a constant)."""
     import torch.nn.functional as F
 
-    from clbench.models import build_model
+    from clbench.models.networks import build_model
 
     stream = make_stream("permuted-mnist", tasks=2, root=mnist_root)
     x, y = stream[1].inputs(stream[1].train_x[:64]), stream[1].train_y[:64]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from clbench import sweep
-from clbench.store import Store
+from clbench.experiments import sweep
+from clbench.experiments.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")

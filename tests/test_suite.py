@@ -13,10 +13,13 @@ import pytest
 import torch
 
 import clbench
-from clbench import ClbenchError, cli, leaderboard, report
-from clbench import suite as suites
-from clbench import tune
-from clbench.store import Store
+from clbench import ClbenchError
+from clbench.cli import main as cli
+from clbench.reporting import leaderboard
+from clbench.reporting import report
+from clbench.experiments import suite as suites
+from clbench.experiments import tune
+from clbench.experiments.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """\
@@ -115,14 +118,14 @@ def test_bad_suite_input_is_one_clear_cli_error(tmp_path, capsys):
 
 
 def test_committed_suites_load():
-    names = sorted(p.stem for p in (ROOT / "suites").glob("*.toml"))
+    names = sorted(p.stem for p in suites.SUITES_DIR.glob("*.toml"))
     assert {"permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task",
             "similarity-permuted-fashion-mnist", "split-cifar10", "split-cifar100"} <= set(names)
     for name in names:
         s = suites.load(name)
         assert len(s.spec["seeds"]) >= 5, name
         for entry in s.spec.get("strategy", []):
-            clbench.registry.lookup("strategy", entry["name"])  # every listed strategy exists
+            clbench.core.registry.lookup("strategy", entry["name"])  # every listed strategy exists
             tune.search_space(s, entry["name"])  # and its space is valid
 
 
@@ -255,7 +258,7 @@ def test_leaderboard_refuses_to_mix_protocols(ranked_store, tmp_path, capsys):
     path2 = root / "suites" / "tiny2.toml"
     path2.write_text(changed.replace("version = 1", "version = 2"))
     shutil.copytree(committed, root / "leaderboards" / "results" / "tiny2", dirs_exist_ok=True)
-    from clbench import benchmark
+    from clbench.experiments import benchmark
 
     with pytest.raises(ClbenchError, match="never mixes protocols"):
         benchmark.suite_runs(suites.load(path2), tmp_path / "empty")
@@ -292,7 +295,8 @@ def test_html_page_renders_and_sorts_in_a_headless_browser(ranked_store, tmp_pat
 
 
 def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_path):
-    from clbench import benchmark, sweep
+    from clbench.experiments import benchmark
+    from clbench.experiments import sweep
 
     path = write_suite(tmp_path, **{'protocol = "holdout"\nshare = 0.2\nseed = 3': 'protocol = "first-tasks"\ntasks = 1',
                                     "trials = 4": "trials = 2", "seeds = [0, 1, 2, 3, 4]": "seeds = [0, 1]"})
@@ -313,7 +317,7 @@ SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fa
 
 @pytest.mark.parametrize("name", SUITE_BOARDS)
 def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path, name):
-    from clbench import benchmark
+    from clbench.experiments import benchmark
 
     results = ROOT / "leaderboards" / "results" / name
     committed = ROOT / "leaderboards" / f"{name}.csv"

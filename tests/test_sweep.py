@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clbench import ClbenchError, leaderboard, sweep
-from clbench.store import Store
+from clbench import ClbenchError
+from clbench.reporting import leaderboard
+from clbench.experiments import sweep
+from clbench.experiments.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugin_blocking.py")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from clbench.errors import ClbenchError
+from clbench.core.errors import ClbenchError
 
 PAPERS = {"hiratani2024": "clbench.reproduce.hiratani2024"}
 

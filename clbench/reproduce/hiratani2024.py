@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from clbench.errors import ClbenchError
+from clbench.core.errors import ClbenchError
 
 NS, NX, NY, ETA = 30, 3000, 10, 1e-3
 SIZES: dict[str, dict[str, Any]] = {

@@ -1,0 +1,318 @@
+"""The evaluation loop: train task after task, evaluate every task after each.
+
+Each task's data lives on the device as one tensor; batches are index slices
+and the task transform runs on the device. No DataLoader in the hot loop, and
+one host sync per epoch (for the NaN check and the loss curve).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clbench.core import metrics
+from clbench.core.errors import ClbenchError
+from clbench.models.networks import build_model, count_parameters
+from clbench.core.strategy import Strategy
+from clbench.core.types import Stream, Task
+
+
+@dataclass
+class Result:
+    """Everything a run produced. ``R`` is the (T+1) x T score matrix (see clbench.core.metrics);
+    ``extra["raw"]`` the same matrix before scoring (accuracy, or the mean squared error for regression)."""
+
+    R: list[list[float]]
+    metrics: dict[str, float]
+    loss_curves: list[list[float]]
+    wall_time_s: float
+    peak_memory_mb: float
+    parameter_count: int
+    config: dict[str, Any]
+    seed: int
+    versions: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file, then rename)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(_finite(self.to_dict()), f, indent=1)
+        os.replace(tmp, path)
+
+
+class TrainingDiverged(ClbenchError):
+    """The loss became NaN or infinite; ``partial`` holds the rows of R computed so far."""
+
+    def __init__(self, message: str, partial: Result) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+    def __reduce__(self):  # picklable, so sweep workers (processes, Ray tasks) can send it back
+        return type(self), (str(self), self.partial)
+
+
+def seed_torch(seed: int, dev: torch.device) -> None:
+    """torch.manual_seed(seed); on a machine without CUDA, for a CPU run, only the CPU generator (what
+    manual_seed seeds there), skipping the lazily queued CUDA seeding that records a traceback (0.2 ms a run)."""
+    if dev.type == "cpu" and not torch.cuda.is_available():
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write None instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else is checked."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ClbenchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ClbenchError(f"device {device!r} asked for but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def versions() -> dict[str, str]:
+    from clbench import __version__
+
+    return {"clbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+class PlainSGD:
+    """torch.optim.SGD with its defaults (no momentum, no weight decay), through torch's functional update.
+
+    ``torch.optim.sgd.sgd`` is the function ``torch.optim.SGD.step`` calls, so the arithmetic is the same
+    (single-tensor on CPU, foreach on CUDA); only the class's constructor is skipped, which imports
+    torch._dynamo, about 2 s of a small run's process on a 2-core CPU.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        from torch.optim.sgd import sgd
+
+        live = [p for p in self.params if p.grad is not None]
+        sgd(live, [p.grad for p in live], [None] * len(live), weight_decay=0.0, momentum=0.0, lr=self.lr,
+            dampening=0.0, nesterov=False, maximize=False)
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> "torch.optim.Optimizer | PlainSGD":
+    if name == "sgd":
+        return PlainSGD(params, lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ClbenchError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
+
+
+@torch.inference_mode()
+def evaluate(strategy: Strategy, tasks: list[Task], loss: str, batch_size: int = 2048,
+             on_task: Any = None) -> np.ndarray:
+    """Per task: accuracy (classification) or mean squared error (regression) on its test set.
+
+    ``on_task()`` (optional) is called after each task, for progress.
+    """
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    out = []
+    for task in tasks:
+        total = torch.zeros((), device=task.test_x.device, dtype=torch.float64)
+        for start in range(0, len(task.test_x), batch_size):
+            x = task.inputs(task.test_x[start:start + batch_size])
+            y = task.test_y[start:start + batch_size]
+            pred = strategy.predict(x, task).float()
+            if loss == "ce":
+                total += (pred.argmax(1) == y).sum()
+            else:
+                total += ((pred - y) ** 2).mean(1).sum()
+        if len(task.test_x) == 0:
+            raise ClbenchError(f"task {task.id} has an empty test set; a score of it would mean nothing")
+        out.append(total / len(task.test_x))
+        if on_task is not None:
+            on_task()
+    model.train(was_training)
+    return torch.stack(out).cpu().numpy()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; process-wide peak
+
+
+def run(
+    stream: Stream,
+    strategy: Strategy,
+    model: nn.Module | None = None,
+    *,
+    model_name: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+) -> Result:
+    """Train ``strategy`` on ``stream`` and evaluate every task before and after each task.
+
+    ``model`` defaults to the stream's recommended model (``model_name``,
+    ``model_args`` override it). Same seed on CPU gives the same R.
+    """
+    from clbench.core.progress import bar as progress_bar
+
+    dev = resolve_device(device)
+    if precision not in ("fp32", "bf16"):
+        raise ClbenchError(f"precision must be fp32 or bf16, got {precision!r}")
+    seed_torch(seed, dev)
+    if model is None:
+        name = model_name or stream.defaults.model
+        args = dict(stream.defaults.model_args) if model_name is None else {}
+        args.update(model_args or {})
+        model = build_model(name, stream.input_shape, stream.num_outputs, **args)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    check_inputs(stream)
+    model = strategy.setup(model.to(dev), stream)
+    tasks = [t.to(dev) for t in stream.tasks]
+    settings = strategy.settings()
+    if settings["epochs"] < 0 or settings["batch_size"] < 1 or not settings["lr"] > 0:
+        raise ClbenchError(f"training settings out of range: {settings}; need epochs >= 0, batch_size >= 1, lr > 0")
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    T = len(tasks)
+    raw = np.full((T + 1, T), np.nan)
+    curves: list[list[float]] = []
+    config = dict(config or {})
+    # threads: same seed + same thread count gives the same R bit for bit on CPU (README, "Determinism")
+    config.update(stream=stream.name, strategy=strategy.name, scenario=stream.scenario, device=str(dev),
+                  precision=precision, seed=seed, threads=torch.get_num_threads(), provenance=stream.provenance,
+                  **settings)
+    start = time.perf_counter()
+
+    def result(complete: bool) -> Result:
+        R = _scores(raw, stream.loss)
+        return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves, wall_time_s=time.perf_counter() - start,
+                      peak_memory_mb=_peak_memory_mb(dev), parameter_count=count_parameters(model),
+                      config=config, seed=seed, versions=versions(),
+                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
+                             "raw": _finite(raw.tolist())},
+                      complete=complete)
+
+    # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
+    bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
+                       fraction=True)
+    bar.set_postfix_str("evaluating before training", refresh=False)
+    tick = lambda: bar.update(1)  # noqa: E731
+    raw[0] = evaluate(strategy, tasks, stream.loss, on_task=tick)
+    for i, task in enumerate(tasks):
+        bar.set_postfix_str(f"training task {i + 1}/{T}", refresh=False)
+        strategy.before_task(task)
+        train_on = strategy.train_tasks(task, tasks[: i + 1])
+        optimizer = make_optimizer(settings["optimizer"], strategy.trainable_parameters(), settings["lr"])
+        bs = settings["batch_size"]
+        steps = max(math.ceil(len(t.train_x) / bs) for t in train_on)
+        curve = []
+        for epoch in range(settings["epochs"]):
+            orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) if settings["shuffle"]
+                      else torch.arange(len(t.train_x), device=dev) for t in train_on]
+            epoch_loss = torch.zeros((), device=dev)
+            for step in range(steps):
+                loss = 0.0
+                for t, order in zip(train_on, orders):
+                    idx = order[(step * bs) % len(order):][:bs]
+                    with autocast:
+                        loss = loss + strategy.training_loss(t.inputs(t.train_x[idx], train=True), t.train_y[idx], t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.after_backward()
+                optimizer.step()
+                strategy.after_step()
+                epoch_loss += loss.detach()
+            mean_loss = (epoch_loss / steps).item()
+            curve.append(mean_loss)
+            bar.update(T)
+            if not math.isfinite(mean_loss):
+                curves.append(curve)
+                bar.close()
+                raise TrainingDiverged(
+                    f"training loss became {mean_loss} on task {i + 1}, epoch {epoch + 1} "
+                    f"(lr={settings['lr']}); lower the learning rate with --strategy-arg lr=...",
+                    result(complete=False),
+                )
+        curves.append(curve)
+        strategy.after_task(task)
+        bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
+        raw[i + 1] = evaluate(strategy, tasks, stream.loss, on_task=tick)
+    bar.close()
+    return result(complete=True)
+
+
+def check_inputs(stream: Stream) -> None:
+    """Every task must give model inputs of one shape (that of ``stream.input_shape``, or as many numbers)."""
+    expected = tuple(stream.input_shape)
+    size = math.prod(expected)
+    seen = None
+    for k, task in enumerate(stream.tasks, 1):
+        for split in ("train", "test"):
+            x = getattr(task, f"{split}_x")
+            try:
+                shape = tuple(task.inputs(x[:1]).shape[1:])
+            except Exception as e:  # noqa: BLE001 - a transform that fails on the task's own data
+                raise ClbenchError(f"stream {stream.name!r}: the transform of task {k} fails on its {split} inputs "
+                                   f"of shape {tuple(x.shape[1:])} ({type(e).__name__}: {e})") from None
+            if seen is None:
+                seen = shape
+            if shape != seen or (shape != expected and math.prod(shape) != size):
+                other = f"task 1 gives {seen}" if shape != seen else f"the stream says input_shape={expected}"
+                raise ClbenchError(f"stream {stream.name!r}: task {k}'s {split} inputs have shape {shape}, but "
+                                   f"{other}; every task must give inputs of the stream's input_shape")
+
+
+def _scores(raw: np.ndarray, loss: str) -> np.ndarray:
+    """Accuracy as is; regression error as the normalised score 1 - error/error_at_init."""
+    if loss == "ce":
+        return raw.copy()
+    init = raw[0]
+    if np.any(init <= 0):
+        raise ClbenchError("the model's error before training is zero on some task; "
+                           "the normalised regression score 1 - error/error_at_init is undefined")
+    return 1.0 - raw / init

@@ -1,0 +1,91 @@
+"""``clbench benchmark``: one strategy through a suite's protocol, ranked among the suite's committed rows.
+
+1. Tune the strategy's search space with the suite's budget on the validation split (clbench.experiments.tune),
+   unless its settings are given.
+2. Final rows: the chosen settings on the test sets over every suite seed (a resumable sweep, clbench.experiments.sweep).
+3. Rank it among the committed records of the suite (``leaderboards/results/<suite>``) and any others in the
+   store, mark the rows not distinguishable from the best (clbench.reporting.report), write a CSV and a chart.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from clbench.core.errors import ClbenchError
+from clbench.experiments.suite import Suite, cells, final_split, protocol
+
+LOWER_IS_BETTER = ("forgetting", "forgetting_last")
+
+
+def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settings: dict[str, Any] | None = None,
+               executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
+               storage: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Tune (unless ``settings``) and run the final test rows of one strategy; returns the tuning summary."""
+    from clbench.experiments import tune
+    from clbench.experiments.store import Store
+    from clbench.experiments.sweep import run_sweep
+
+    fixed = dict(suite.strategy_entry(strategy).get("args", {}))
+    if settings:
+        summary = {"chosen": dict(settings), "validation_score": None, "trials_counted": 0, "space": {},
+                   "note": "settings given on the command line; not tuned"}
+    else:
+        summary = tune.tune(suite, strategy, store_dir, storage=storage, executor=executor, jobs=jobs,
+                            address=address, device=device, progress=progress)
+    tuning = {"trials": summary["trials_counted"], "validation_score": summary["validation_score"],
+              "searched": sorted(summary["space"]), "given": sorted(settings or {})}
+    if "study" in summary:
+        tuning["study"] = summary["study"]
+    todo = cells(suite, strategy, {**fixed, **summary["chosen"]}, protocol(suite.spec)["seeds"], final_split(suite),
+                 extra={"tuning": tuning})
+    run_sweep(todo, Store(store_dir), device=device or suite.spec.get("device", "cpu"), jobs=jobs, progress=progress,
+              executor=executor, address=address)
+    return summary
+
+
+def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
+    """Runs of ``store_dir`` and of the suite's committed results (the store's win on duplicates); a store made
+    under another protocol is an error."""
+    from clbench.reporting.leaderboard import runs_table
+    from clbench.experiments.store import Store
+
+    frames = []
+    for where in dict.fromkeys([Path(store_dir).resolve(), suite.results_dir.resolve()]):
+        if not where.is_dir() or not any(where.glob("*.json")):
+            continue
+        runs = runs_table(Store(where))
+        hashes = set(runs.get("protocol_hash", pd.Series(["none"])).astype(str))
+        if hashes != {suite.protocol_hash}:
+            raise ClbenchError(f"the records in {where} were made under protocol {', '.join(sorted(hashes))}, but "
+                               f"suite {suite.name} v{suite.version} ({suite.path}) now has protocol "
+                               f"{suite.protocol_hash}; a leaderboard never mixes protocols: rerun them with "
+                               "`clbench benchmark --suite ...` (and bump the suite's version when you change it)")
+        frames.append(runs)
+    if not frames:
+        raise ClbenchError(f"no records of suite {suite.name} in {store_dir} or {suite.results_dir}")
+    runs = pd.concat(frames, ignore_index=True)
+    return runs.drop_duplicates(["stream", "stream_args", "strategy", "strategy_args", "seed"], keep="first")
+
+
+def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
+              settings: dict[str, Any] | None = None, executor: str = "processes", jobs: int = 1,
+              address: str | None = None, device: str | None = None, storage: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Tune and run every strategy in ``strategies``, then rank; writes ``<store>/leaderboard.{csv,png}``."""
+    from clbench.reporting import report
+
+    if settings and len(strategies) != 1:
+        raise ClbenchError("--set gives the settings of one strategy; benchmark one --strategy at a time with it")
+    summaries = {s: final_rows(suite, s, store_dir, settings, executor, jobs, address, device, storage, progress)
+                 for s in strategies}
+    metric = protocol(suite.spec)["metric"]
+    table = report.ranked(suite_runs(suite, store_dir), metric, higher_is_better=metric not in LOWER_IS_BETTER)
+    store_dir = Path(store_dir)
+    csv, png = store_dir / "leaderboard.csv", store_dir / "leaderboard.png"
+    table.to_csv(csv, index=False, float_format="%.6g", lineterminator="\n")
+    report.chart(table, str(png), metric, highlight=strategies[0] if len(strategies) == 1 else None,
+                 title=f"{suite.name} v{suite.version} ({suite.protocol_hash})")
+    return {"table": table, "tuning": summaries, "csv": str(csv), "png": str(png), "metric": metric}

@@ -1,0 +1,133 @@
+"""Plots (matplotlib, written as PNG): a run's accuracy matrix, transfer/retention maps over
+(rho_a, rho_b) per strategy, and a leaderboard chart."""
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from clbench.core.errors import ClbenchError  # noqa: E402
+
+
+def strategy_labels(table: pd.DataFrame) -> pd.Series:
+    """'name' or 'name {args}' per row."""
+    args = table["strategy_args"].str.replace('"', "")
+    return table["strategy"] + args.where(args == "{}", " " + args).where(args != "{}", "")
+
+
+def _read_text(path: str | os.PathLike, what: str, fix: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ClbenchError(f"{what} {path} not found; {fix}") from None
+    except IsADirectoryError:
+        raise ClbenchError(f"{what} {path} is a folder; {fix}") from None
+    except UnicodeDecodeError:
+        raise ClbenchError(f"{what} {path} is not a text file; {fix}") from None
+    except OSError as e:
+        raise ClbenchError(f"cannot read {what} {path} ({e.strerror or e})") from None
+
+
+def load_result(path: str | os.PathLike) -> dict:
+    """A run's result JSON (``clbench run --output``), checked: R must be a (T+1) x T matrix of numbers."""
+    fix = "give the JSON file that `clbench run ... --output FILE.json` writes"
+    text = _read_text(path, "result file", fix)
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClbenchError(f"{path} is not JSON ({e.msg}, line {e.lineno}); {fix}") from None
+    R = result.get("R") if isinstance(result, dict) else None
+    ok = (isinstance(R, list) and len(R) >= 2 and all(isinstance(row, list) for row in R)
+          and len({len(row) for row in R}) == 1 and len(R) == len(R[0]) + 1
+          and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for row in R for v in row))
+    if not ok:
+        raise ClbenchError(f"{path} is not a run's result: it has no score matrix R of (T+1) x T numbers; {fix}")
+    return result
+
+
+def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Heatmap of R: rows = after training task i (0 = before training), columns = task evaluated."""
+    result = load_result(result_json)
+    R = np.array([[np.nan if v is None else v for v in row] for row in result["R"]], dtype=float)
+    T = R.shape[1]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * T, 1.0 + 0.8 * (T + 1)))
+    image = ax.imshow(R, cmap="viridis", vmin=min(0.0, np.nanmin(R)), vmax=1.0, aspect="auto")
+    for i in range(T + 1):
+        for j in range(T):
+            ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="w" if R[i, j] < 0.6 else "k", fontsize=9)
+    ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
+    ax.set_yticks(range(T + 1), ["init"] + [str(i) for i in range(1, T + 1)])
+    ax.set_xlabel("task evaluated")
+    ax.set_ylabel("after training task")
+    cfg = result.get("config", {})
+    acc = (result.get("metrics") or {}).get("acc", float("nan"))
+    ax.set_title(f"{cfg.get('strategy', '?')} on {cfg.get('stream', '?')}\nACC {acc:.3f}")
+    fig.colorbar(image, ax=ax, label="score (accuracy or 1 - error/error_at_init)")
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
+    """Mean transfer and retention over seeds on the (rho_a, rho_b) grid, one column per strategy config."""
+    args = runs["stream_args"].map(json.loads)
+    if not args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
+        raise ClbenchError("similarity maps need runs whose stream args set both rho_a and rho_b")
+    runs = runs.assign(rho_a=args.map(lambda a: a["rho_a"]), rho_b=args.map(lambda a: a["rho_b"]),
+                       label=strategy_labels(runs))
+    labels = sorted(runs["label"].unique())
+    per_row = min(len(labels), 3)  # strategies per row of the figure, each a transfer and a retention panel
+    rows = -(-len(labels) // per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.6 * per_row + 1.5, 3.2 * rows + 0.8), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[2 * len(labels):]:
+        ax.set_visible(False)
+    for k, label in enumerate(labels):
+        sub = runs[runs["label"] == label]
+        for m, metric in enumerate(("transfer", "retention")):
+            grid = sub.pivot_table(index="rho_a", columns="rho_b", values=metric, aggfunc="mean")
+            ax = axes[k // per_row, 2 * (k % per_row) + m]
+            image = ax.imshow(grid.to_numpy(), origin="lower", cmap="RdBu", vmin=-1, vmax=1,
+                              extent=(-0.5, len(grid.columns) - 0.5, -0.5, len(grid.index) - 0.5))
+            ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+            ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+            ax.set_xlabel("readout similarity rho_b")
+            ax.set_ylabel("input similarity rho_a")
+            ax.set_title(f"{label}\n{metric}", fontsize=9)
+    fig.colorbar(image, ax=axes, label="score", shrink=0.8)
+    fig.suptitle("Transfer and retention over task similarity (mean over seeds)")
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric: str = "acc") -> None:
+    """Horizontal bars of a leaderboard metric with 95% CI, averaged over stream configs per strategy config."""
+    import io
+
+    fix = "give a CSV that `clbench leaderboard` writes"
+    try:
+        table = pd.read_csv(io.StringIO(_read_text(csv, "leaderboard", fix)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ClbenchError(f"{csv} is not a readable CSV ({e}); {fix}") from None
+    if "strategy" not in table or "strategy_args" not in table or table.empty:
+        raise ClbenchError(f"{csv} is not a leaderboard (no strategy rows); {fix}")
+    if f"{metric}_mean" not in table:
+        raise ClbenchError(f"{csv} has no column {metric}_mean; pick one of "
+                           f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")
+    table["label"] = strategy_labels(table)
+    agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean")).sort_values("mean")
+    width = 4.5 + 0.075 * max(len(label) for label in agg.index)  # room for the longest label
+    fig, ax = plt.subplots(figsize=(width, 0.45 * len(agg) + 1.8), layout="constrained")
+    ax.barh(agg.index, agg["mean"], xerr=agg["ci"].fillna(0), color="tab:blue", capsize=3)
+    ax.set_xlabel(f"{metric}, mean over stream configs\n(error bars: mean 95% CI over seeds)")
+    ax.set_ylabel("strategy")
+    fig.suptitle(f"Leaderboard: {os.path.basename(str(csv))}")
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
