@@ -96,8 +96,10 @@ class Suite:
 
     @property
     def results_dir(self) -> Path:
-        """Where the suite's committed records live: ``leaderboards/results/<name>`` of the repository."""
-        return RESULTS_DIR / self.name
+        """Where the suite's committed records live: the repository's ``leaderboards/results/<name>`` for a
+        built-in suite, ``leaderboards/results/<name>`` beside the suite's folder for a suite given by path."""
+        folder = self.path.resolve().parent
+        return (RESULTS_DIR if folder == SUITES_DIR else folder.parent / "leaderboards" / "results") / self.name
 
     @property
     def tag(self) -> dict[str, Any]:
