@@ -3,8 +3,8 @@
 Parts (``--parts``, default all):
 
 - ``demo``: the ``clbench run`` demo grid (teacher-student, 3 x 3 (rho_a, rho_b) x 3 seeds, six strategies,
-  exact expected-loss training): every run through ``clbench.run`` (what the demo did before batching) vs
-  each strategy's 27 runs as one batched model (what it does now); largest |R difference|.
+  exact expected-loss training): every run through ``clbench.run`` (one after another) vs each strategy's
+  27 runs as one batched model (what the demo does); largest |R difference|.
 - ``ts``: the committed teacher-student leaderboard sweep (sweeps/teacher_student.toml) through
   ``clbench sweep`` machinery: ``--jobs 2 --batch off`` (sequential cells in two processes) vs
   ``--jobs 2 --batch auto``; ``--ts-seeds`` keeps the first seeds only (the file has 3).
@@ -14,7 +14,7 @@ Parts (``--parts``, default all):
   perf/bench_vectorized.py computes it (training and evaluation matmuls at this machine's measured fp32
   matmul rate; the Fisher, the penalty and the input preparation are extra work it does not count). Each side
   is timed ``--repeat`` times, interleaved, and the best kept; the rate is the best of as many measurements
-  (this part's figures otherwise swing by 20% on a shared VM).
+  (single timings of these small runs vary by about 20%).
 
     python perf/bench_batched.py [--parts demo,ts,fmnist] [--threads N] [--ts-seeds 1] [--repeat 3] [--device cuda]
 """

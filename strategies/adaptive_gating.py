@@ -20,7 +20,7 @@ protected. Three rules for rho_g (``rule=...``):
   model's loss on the new task through the fresh gate, L_min the trained model's
   loss on the finished task through its own gate (divided by L_base alone when
   L_base <= L_min). Same losses as ``"paper"``.
-- ``"fresh"``, clbench's first rule: rho_g = clip(E_fresh - E_probe, 0, 1) with
+- ``"fresh"``, clbench's own rule: rho_g = clip(E_fresh - E_probe, 0, 1) with
   both errors of the trained model (through a fresh gate and through the old
   one), normalised (MSE / mean(y^2), cross-entropy / log(classes)). It transfers
   less than the paper's rule at high similarity (about 0.1 at rho_a = rho_b = 0.9).

@@ -1,6 +1,6 @@
 """Bad input: a clear one-line error (or an honest warning), nothing lost, no code run.
 
-Every case of issue 9, section 3, reproduced through the real CLI (``clbench.cli.commands.main`` in this process,
+Each case goes through the real CLI (``clbench.cli.commands.main`` in this process,
 which is what the ``clbench`` script runs, or the ``cli`` fixture's subprocess where a process boundary
 matters) or through the Python API. No test depends on the machine's speed: where a test waits for
 something, it polls with a generous bound.
@@ -193,7 +193,7 @@ def test_real_cifar_batches_still_load_with_the_restricted_unpickler(tmp_path, p
 
 # ---- silent wrong data: an explicit root -----------------------------------------------------
 def test_explicit_root_is_the_only_place_looked(clb, tmp_path, monkeypatch):
-    write_idx_dataset(tmp_path / "cache" / "fashion-mnist")  # a copy the old lookup fell back to
+    write_idx_dataset(tmp_path / "cache" / "fashion-mnist")  # a copy that a lookup given root= must not fall back to
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ClbenchError, match="not found in root=.*the only place looked"):

@@ -1,4 +1,4 @@
-"""Baselines exact to their papers (issue 13): replay determinism, EWC forms, LwF weighting, export labels."""
+"""Baselines exact to their papers: replay determinism, EWC forms, LwF weighting, export labels."""
 import numpy as np
 import pytest
 import torch

@@ -146,7 +146,7 @@ def _add_sweep(sub) -> None:
         "sweep", help="run a grid of runs into a results store (resumable)",
         description="Run every cell of a grid (streams x stream args x strategies x strategy args x seeds) "
                     "and write one JSON record per finished run into --store. Rerunning the same sweep runs "
-                    "only the missing cells. The grid comes from a TOML file (see clbench/sweep.py) or from "
+                    "only the missing cells. The grid comes from a TOML file (see clbench/experiments/sweep.py) or from "
                     "inline lists: comma-separated values are grid axes.",
         epilog="examples:\n  clbench sweep --stream teacher-student --stream-arg rho_a=0,0.5,1 "
                "--stream-arg rho_b=0,0.5,1 --strategy finetune,ewc-full --seeds 0,1,2 --store results/ts\n"
