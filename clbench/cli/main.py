@@ -265,6 +265,8 @@ def _suite_setup(args: argparse.Namespace):
     suite = suites.load(args.suite)
     if args.jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.address and args.executor != "ray":
+        raise ClbenchError("--address applies to --executor ray only (the Ray head to run trials on)")
     names = args.strategy.split(",") if args.strategy else [e["name"] for e in suite.spec.get("strategy", [])]
     if not names:
         raise ClbenchError(f"suite {suite.name} lists no strategies; pass --strategy NAME")

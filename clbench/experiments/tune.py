@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -207,8 +208,9 @@ def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict
             values = scores[trial.number]
             if trial.number in errors:
                 _discard(study, trial, errors[trial.number])
-            elif trial.number in diverged or not values or any(v != v for v in values):
-                trial.set_user_attr(trials.DIVERGED, diverged.get(trial.number, "the metric is undefined (NaN)"))
+            elif trial.number in diverged or not values or not all(math.isfinite(v) for v in values):
+                trial.set_user_attr(trials.DIVERGED, diverged.get(trial.number, "the metric is undefined (not a "
+                                                                                "finite number)"))
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
                 study.tell(trial, sum(values) / len(values))
