@@ -131,6 +131,11 @@ def test_a_live_trial_of_another_process_is_left_alone_and_a_dead_ones_is_redone
     study = optuna.load_study(study_name=first["study"], storage=storage)
     live = trials.ask(study, storage, 1, budget=3)[0]  # owned and beating, as another process's trial
     live.suggest_float("strength", 1e-4, 10.0, log=True)
+    beating = trials.open_storage(first["storage"], heartbeat_interval=1, grace_period=2)
+    with trials.heartbeats(study, beating, [live], interval=1):  # a trial longer than the grace period, alive
+        time.sleep(4)
+        trials.fail_stale(optuna.load_study(study_name=first["study"], storage=beating), grace_period=2)
+        assert study_of(first).trials[live.number].state == optuna.trial.TrialState.RUNNING
     second = tune.tune(suite, "l2", store, max_new_trials=1, progress=False)
     assert second["trials_counted"] == 2
     assert study_of(first).trials[live.number].state == optuna.trial.TrialState.RUNNING  # not stolen
