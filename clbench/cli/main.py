@@ -233,7 +233,8 @@ def _add_tune(sub) -> None:
         "tune", help="choose a strategy's settings on a suite's validation split (Optuna; resumable)",
         description="Search each strategy's declared search space with the suite's trial budget (the same for "
                     "every strategy). The objective is the suite metric of the whole continual run on the "
-                    "validation split; test sets are never used. A killed search resumes where it stopped.",
+                    "validation split; test sets are never used. A killed search resumes where it stopped; "
+                    "several processes (or machines) may tune on one --storage at once. See docs/tuning.md.",
         epilog="example:\n  clbench tune --suite permuted-fashion-mnist --strategy ewc-diag,si",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_suite_common(p)
