@@ -17,14 +17,16 @@ Selection never sees a test set. Two protocols:
   ICLR 2019): tune on the first ``tasks`` tasks of the stream, report on the
   remaining ones (which tuning never touches).
 
-File format (every key is checked; an unknown one is an error naming a close match)::
+File format (every key is checked; an unknown one is an error naming a close match; integers are integers,
+not ``true``; names are non-empty and a strategy is listed once; the suite's name, like every name that ends
+up in a file name, has letters, digits, '-', '_' and '.' only)::
 
     name = "permuted-fashion-mnist"   # optional, default: the file name
     version = 1
     description = "..."
     seeds = [0, 1, 2, 3, 4]           # final rows, on the test sets
     device = "cpu"                    # not part of the protocol hash
-    metric = "acc"                    # what tuning maximises and the leaderboard ranks by
+    metric = "acc"                    # what tuning optimises and the leaderboard ranks by (forgetting: minimised)
 
     [training]                        # strategy training settings every strategy gets
     epochs = 1
