@@ -5,6 +5,11 @@
 2. Final rows: the chosen settings on the test sets over every suite seed (a resumable sweep, clbench.experiments.sweep).
 3. Rank it among the committed records of the suite (``leaderboards/results/<suite>``) and any others in the
    store, mark the rows not distinguishable from the best (clbench.reporting.report), write a CSV and a chart.
+
+Before any work, the store and the committed records are checked to hold this suite's protocol only, and
+settings given with ``--set`` are checked not to change the protocol: the suite's [training] settings and a
+strategy's fixed ``args`` are the protocol (a row trained for more epochs is not comparable under the suite's
+name), so overriding them is an error; changing them means a new suite (or a new version of it).
 """
 from __future__ import annotations
 
@@ -15,9 +20,8 @@ from typing import Any
 import pandas as pd
 
 from clbench.core.errors import ClbenchError
+from clbench.core.metrics import higher_is_better
 from clbench.experiments.suite import Suite, cells, final_split, protocol
-
-LOWER_IS_BETTER = ("forgetting", "forgetting_last")
 
 
 def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settings: dict[str, Any] | None = None,
@@ -46,24 +50,54 @@ def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settin
     return summary
 
 
-def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
-    """Runs of ``store_dir`` and of the suite's committed results (the store's win on duplicates); a store made
-    under another protocol is an error."""
+def check_settings(suite: Suite, strategy: str, settings: dict[str, Any]) -> None:
+    """Refuse ``--set`` settings that the suite's protocol fixes: its [training] settings and the strategy's
+    ``args`` (a key in the search space may be given: that is choosing instead of tuning)."""
+    from clbench.experiments.tune import search_space
+
+    space = search_space(suite, strategy)
+    fixed = {**protocol(suite.spec)["training"], **suite.strategy_entry(strategy).get("args", {})}
+    clash = sorted(k for k in settings if k in fixed and k not in space)
+    if clash:
+        given = ", ".join(f"{k}={settings[k]!r} (the suite has {fixed[k]!r})" for k in clash)
+        raise ClbenchError(f"--set {given}: suite {suite.name} v{suite.version} fixes "
+                           f"{'it' if len(clash) == 1 else 'them'} as part of its protocol, so a row with another "
+                           "value would not be comparable with the suite's rows; drop the --set, or copy the suite "
+                           "file under a new name (or version) with the setting you want")
+
+
+def _protocol_runs(suite: Suite, where: Path) -> pd.DataFrame | None:
+    """The runs in ``where`` (None if it holds none); a ClbenchError if any was made under another protocol."""
     from clbench.experiments.store import Store
     from clbench.reporting.leaderboard import runs_table
 
+    if not where.is_dir() or not any(where.glob("*.json")):
+        return None
+    runs = runs_table(Store(where, create=False))
+    hashes = set(runs.get("protocol_hash", pd.Series(["none"])).astype(str))
+    if hashes != {suite.protocol_hash}:
+        raise ClbenchError(f"the records in {where} were made under protocol {', '.join(sorted(hashes))}, but "
+                           f"suite {suite.name} v{suite.version} ({suite.path}) now has protocol "
+                           f"{suite.protocol_hash}; a leaderboard never mixes protocols: rerun them with "
+                           "`clbench benchmark --suite ...` into another --store (and bump the suite's version "
+                           "when you change it)")
+    return runs
+
+
+def check_store(suite: Suite, store_dir: str | os.PathLike) -> None:
+    """Before any work: the store and the suite's committed records hold this suite's protocol only."""
+    for where in dict.fromkeys([Path(store_dir).resolve(), suite.results_dir.resolve()]):
+        _protocol_runs(suite, where)
+
+
+def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
+    """Runs of ``store_dir`` and of the suite's committed results (the store's win on duplicates); a store made
+    under another protocol is an error."""
     frames = []
     for where in dict.fromkeys([Path(store_dir).resolve(), suite.results_dir.resolve()]):
-        if not where.is_dir() or not any(where.glob("*.json")):
-            continue
-        runs = runs_table(Store(where))
-        hashes = set(runs.get("protocol_hash", pd.Series(["none"])).astype(str))
-        if hashes != {suite.protocol_hash}:
-            raise ClbenchError(f"the records in {where} were made under protocol {', '.join(sorted(hashes))}, but "
-                               f"suite {suite.name} v{suite.version} ({suite.path}) now has protocol "
-                               f"{suite.protocol_hash}; a leaderboard never mixes protocols: rerun them with "
-                               "`clbench benchmark --suite ...` (and bump the suite's version when you change it)")
-        frames.append(runs)
+        runs = _protocol_runs(suite, where)
+        if runs is not None:
+            frames.append(runs)
     if not frames:
         raise ClbenchError(f"no records of suite {suite.name} in {store_dir} or {suite.results_dir}")
     runs = pd.concat(frames, ignore_index=True)
@@ -79,10 +113,13 @@ def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
 
     if settings and len(strategies) != 1:
         raise ClbenchError("--set gives the settings of one strategy; benchmark one --strategy at a time with it")
+    if settings:
+        check_settings(suite, strategies[0], settings)
+    check_store(suite, store_dir)
     summaries = {s: final_rows(suite, s, store_dir, settings, executor, jobs, address, device, storage, progress)
                  for s in strategies}
     metric = protocol(suite.spec)["metric"]
-    table = report.ranked(suite_runs(suite, store_dir), metric, higher_is_better=metric not in LOWER_IS_BETTER)
+    table = report.ranked(suite_runs(suite, store_dir), metric, higher_is_better=higher_is_better(metric))
     store_dir = Path(store_dir)
     csv, png = store_dir / "leaderboard.csv", store_dir / "leaderboard.png"
     table.to_csv(csv, index=False, float_format="%.6g", lineterminator="\n")

@@ -179,7 +179,7 @@ def test_a_killed_search_resumes(tmp_path):
     study = optuna.load_study(study_name=first["study"], storage=first["storage"])
     stale = study.ask()
     stale_strength = stale.suggest_float("strength", 1e-4, 10.0, log=True)
-    done = tune.tune(suite, "l2", store, progress=False)
+    done = tune.tune(suite, "l2", store, progress=False, grace_period=1)  # the stale trial: no owner, 1 s old
     assert done["finished"] and done["trials_counted"] == 4
     assert [t["params"] for t in done["trials"][:2]] == [t["params"] for t in first["trials"]]  # kept, not rerun
     study = optuna.load_study(study_name=first["study"], storage=first["storage"])

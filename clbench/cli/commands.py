@@ -233,7 +233,8 @@ def _add_tune(sub) -> None:
         "tune", help="choose a strategy's settings on a suite's validation split (Optuna; resumable)",
         description="Search each strategy's declared search space with the suite's trial budget (the same for "
                     "every strategy). The objective is the suite metric of the whole continual run on the "
-                    "validation split; test sets are never used. A killed search resumes where it stopped.",
+                    "validation split; test sets are never used. A killed search resumes where it stopped; "
+                    "several processes (or machines) may tune on one --storage at once. See docs/tuning.md.",
         epilog="example:\n  clbench tune --suite permuted-fashion-mnist --strategy ewc-diag,si",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_suite_common(p)
@@ -265,6 +266,8 @@ def _suite_setup(args: argparse.Namespace):
     suite = suites.load(args.suite)
     if args.jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.address and args.executor != "ray":
+        raise ClbenchError("--address applies to --executor ray only (the Ray head to run trials on)")
     names = args.strategy.split(",") if args.strategy else [e["name"] for e in suite.spec.get("strategy", [])]
     if not names:
         raise ClbenchError(f"suite {suite.name} lists no strategies; pass --strategy NAME")

@@ -60,6 +60,19 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
+def inside(root: str | os.PathLike, *parts: str) -> Path:
+    """``root/parts...``, refused with a ClbenchError unless it resolves to a path inside ``root`` (a part
+    holding '/' or '..', or a link that leads elsewhere, would make a file outside the folder)."""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    base = root.resolve()
+    target = path.resolve()
+    if target == base or base not in target.parents:
+        raise ClbenchError(f"refusing to write {path}: it resolves to {target}, outside {base}; names used in "
+                           "file names may hold letters, digits, '-', '_' and '.' only")
+    return path
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     """Where an incomplete result goes instead of ``path``: ``r.json`` -> ``r.partial.json`` (beside it)."""
     p = Path(path)

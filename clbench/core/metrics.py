@@ -14,6 +14,23 @@ import numpy as np
 
 from clbench.core.errors import ClbenchError
 
+#: The scalar metrics :func:`summary` reports (what a suite may rank by); ``transfer`` and ``retention`` only
+#: for two-task streams.
+METRICS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention")
+#: Metrics where a smaller value is better (forgetting is a loss of accuracy); every other metric is a score.
+LOWER_IS_BETTER = frozenset({"forgetting", "forgetting_last"})
+
+
+def direction(metric: str) -> str:
+    """``"minimize"`` for a metric in LOWER_IS_BETTER, else ``"maximize"``: the one place tuning (Optuna's study
+    direction), ranking and plots learn which way a metric improves."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def higher_is_better(metric: str) -> bool:
+    """True when a larger value of ``metric`` is better (see :func:`direction`)."""
+    return direction(metric) == "maximize"
+
 
 def _as_matrix(R) -> np.ndarray:
     R = np.asarray(R, dtype=float)

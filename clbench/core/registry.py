@@ -15,6 +15,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -40,9 +41,23 @@ def _describe_owner(obj: Any) -> str:
     return f"{module}.{qualname}" + (f" in {path}" if path and not module.startswith("clbench.") else "")
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "letters, digits, '-', '_' and '.', starting with a letter or digit, at most 100 characters"
+
+
+def check_name(kind: str, name: Any) -> str:
+    """``name`` if it is a valid name of a ``kind`` (stream, strategy, model, suite), else a ClbenchError.
+
+    Names become parts of file names (a run's record, a tuning summary), so they are restricted to
+    NAME_RULE: no '/', no '..', nothing a path could be made to escape with.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ClbenchError(f"{kind} name {name!r} is not allowed: a name has {NAME_RULE} (e.g. 'my-ewc_v2')")
+    return name
+
+
 def _register(kind: str, name: str, replace: bool = False) -> Callable[[Any], Any]:
-    if not isinstance(name, str) or not name:
-        raise ClbenchError(f"a {kind} needs a non-empty string name, got {name!r}")
+    check_name(kind, name)
 
     def decorator(obj: Any) -> Any:
         if not str(getattr(obj, "__module__", "")).startswith("clbench."):

@@ -72,7 +72,10 @@ class Store:
             stale.unlink(missing_ok=True)
 
     def path(self, run_id: str) -> Path:
-        return self.root / f"{run_id}.json"
+        """The record file of ``run_id``, which must lie inside the store (see clbench.core.io.inside)."""
+        from clbench.core.io import inside
+
+        return inside(self.root, f"{run_id}.json")
 
     def __contains__(self, run_id: str) -> bool:
         return self.path(run_id).is_file()
@@ -107,7 +110,7 @@ class Store:
         """Write atomically: a temporary file, then a rename."""
         from clbench.core.engine import finite
 
-        tmp = self.root / f"{run_id}.json.tmp{os.getpid()}"
+        tmp = self.path(run_id).with_name(f"{run_id}.json.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(finite(record), f, indent=1, sort_keys=True)
         os.replace(tmp, self.path(run_id))

@@ -17,14 +17,16 @@ Selection never sees a test set. Two protocols:
   ICLR 2019): tune on the first ``tasks`` tasks of the stream, report on the
   remaining ones (which tuning never touches).
 
-File format (every key is checked; an unknown one is an error naming a close match)::
+File format (every key is checked; an unknown one is an error naming a close match; integers are integers,
+not ``true``; names are non-empty and a strategy is listed once; the suite's name, like every name that ends
+up in a file name, has letters, digits, '-', '_' and '.' only)::
 
     name = "permuted-fashion-mnist"   # optional, default: the file name
     version = 1
     description = "..."
     seeds = [0, 1, 2, 3, 4]           # final rows, on the test sets
     device = "cpu"                    # not part of the protocol hash
-    metric = "acc"                    # what tuning maximises and the leaderboard ranks by
+    metric = "acc"                    # what tuning optimises and the leaderboard ranks by (forgetting: minimised)
 
     [training]                        # strategy training settings every strategy gets
     epochs = 1
@@ -122,6 +124,14 @@ class Suite:
                 for s in self.spec["stream"] for args in axes(s.get("args"))]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML's true is a bool, never a number
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_space(space: Any, where: str) -> dict[str, tuple]:
     """A search space ``{arg: (kind, ...)}`` as tuples, or a ClbenchError saying what is wrong."""
     if not isinstance(space, dict):
@@ -130,7 +140,7 @@ def check_space(space: Any, where: str) -> dict[str, tuple]:
     for arg, dim in space.items():
         dim = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
         kind = dim[0] if dim else None
-        ok = (kind in ("log", "float", "int") and len(dim) == 3 and all(isinstance(v, (int, float)) for v in dim[1:])
+        ok = (kind in ("log", "float", "int") and len(dim) == 3 and all(_is_number(v) for v in dim[1:])
               and dim[1] < dim[2] and (kind != "log" or dim[1] > 0)) or (
               kind == "choice" and len(dim) == 2 and isinstance(dim[1], (list, tuple)) and len(dim[1]) > 0)
         if not ok:
@@ -141,45 +151,100 @@ def check_space(space: Any, where: str) -> dict[str, tuple]:
     return out
 
 
+def _check_entries(spec: dict[str, Any], where: str) -> None:
+    """[[stream]] and [[strategy]]: lists of tables with a name, table-valued arguments, no duplicates."""
+    for table in ("stream", "strategy"):
+        entries = spec.get(table, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ClbenchError(f"{where}: {table} must be [[{table}]] tables (name = ..., args = {{...}}); got "
+                               f"{entries!r}"[:300])
+        seen: dict[str, int] = {}
+        for k, entry in enumerate(entries, 1):
+            for key in entry:
+                if key not in _TABLES[table]:
+                    raise unknown_key(key, _TABLES[table], f"{where} [[{table}]]")
+            name = entry.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise ClbenchError(f"{where}: [[{table}]] entry {k} needs a name, a non-empty string such as "
+                                   f"name = \"{'teacher-student' if table == 'stream' else 'ewc-diag'}\"; got "
+                                   f"{name!r}")
+            for key in ("args", "model_args", "space"):
+                if key in entry and not isinstance(entry[key], dict):
+                    raise ClbenchError(f"{where}: [[{table}]] {name}: {key} must be a table such as "
+                                       f"{{ strength = 1.0 }}; got {entry[key]!r}")
+            for arg, value in entry.get("args", {}).items():
+                if table == "stream" and isinstance(value, list) and not value:
+                    raise ClbenchError(f"{where}: [[stream]] {name}: the axis {arg} = [] is empty; give it values")
+            if "model" in entry and not isinstance(entry["model"], str):
+                raise ClbenchError(f"{where}: [[stream]] {name}: model must be a model name (see `clbench list`); "
+                                   f"got {entry['model']!r}")
+            key = name if table == "strategy" else json.dumps(entry, sort_keys=True, default=str)
+            if key in seen:
+                what = f"strategy {name!r}" if table == "strategy" else f"an identical [[stream]] {name!r}"
+                raise ClbenchError(f"{where}: {what} is listed twice (entries {seen[key]} and {k}); keep one "
+                                   "(a strategy's settings are its args and space)")
+            seen[key] = k
+
+
 def _check(spec: dict[str, Any], where: str) -> None:
+    from clbench.core.metrics import METRICS
+    from clbench.core.strategy import check_training_settings
+
     for key in spec:
         if key not in _TOP:
             raise unknown_key(key, _TOP, where)
-    for table, known in _TABLES.items():
-        entries = spec.get(table, [] if table in ("stream", "strategy") else {})
-        for entry in entries if isinstance(entries, list) else [entries]:
-            if not isinstance(entry, dict):
-                raise ClbenchError(f"{where}: [{table}] must be a table")
-            for key in entry:
-                if key not in known:
-                    raise unknown_key(key, known, f"{where} [{table}]")
-    if not isinstance(spec.get("version"), int) or spec["version"] < 1:
+    for table in ("training", "validation", "tuning"):
+        entry = spec.get(table, {})
+        if not isinstance(entry, dict):
+            raise ClbenchError(f"{where}: [{table}] must be a table")
+        for key in entry:
+            if key not in _TABLES[table]:
+                raise unknown_key(key, _TABLES[table], f"{where} [{table}]")
+    if "name" in spec:
+        from clbench.core.registry import check_name
+
+        check_name("suite", spec["name"])
+    for key in ("description", "device"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ClbenchError(f"{where}: {key} must be a string; got {spec[key]!r}")
+    if not _is_int(spec.get("version")) or spec["version"] < 1:
         raise ClbenchError(f"{where}: needs version = N (a positive integer); bump it whenever the protocol changes")
+    _check_entries(spec, where)
     if not spec.get("stream"):
         raise ClbenchError(f"{where}: needs at least one [[stream]] entry")
-    for entry in spec["stream"] + spec.get("strategy", []):
-        if "name" not in entry:
-            raise ClbenchError(f"{where}: every [[stream]] and [[strategy]] entry needs a name")
     seeds = spec.get("seeds")
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds)):
         raise ClbenchError(f"{where}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2, 3, 4]")
+    try:
+        check_training_settings(**spec.get("training", {}))
+    except ClbenchError as e:
+        raise ClbenchError(f"{where} [training]: {e}") from None
     val = spec.get("validation", {})
     protocol = val.get("protocol", "holdout")
     if protocol not in PROTOCOLS:
         raise ClbenchError(f"{where} [validation]: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if protocol == "holdout" and not 0 < val.get("share", 0.1) < 1:
-        raise ClbenchError(f"{where} [validation]: share must be between 0 and 1 (e.g. 0.1), got {val['share']!r}")
-    if protocol == "first-tasks" and not (isinstance(val.get("tasks"), int) and val["tasks"] >= 1):
+    share = val.get("share", 0.1)
+    if protocol == "holdout" and not (_is_number(share) and 0 < share < 1):
+        raise ClbenchError(f"{where} [validation]: share must be a number between 0 and 1 (e.g. 0.1), got {share!r}")
+    if not _is_int(val.get("seed", 0)):
+        raise ClbenchError(f"{where} [validation]: seed must be an integer, got {val['seed']!r}")
+    if protocol == "first-tasks" and not (_is_int(val.get("tasks")) and val["tasks"] >= 1):
         raise ClbenchError(f"{where} [validation]: protocol 'first-tasks' needs tasks = K (K >= 1 tasks to tune on)")
     tuning = spec.get("tuning", {})
-    if not (isinstance(tuning.get("trials", 0), int) and tuning.get("trials", 0) >= 0):
-        raise ClbenchError(f"{where} [tuning]: trials must be a non-negative integer")
+    if not (_is_int(tuning.get("trials", 0)) and tuning.get("trials", 0) >= 0):
+        raise ClbenchError(f"{where} [tuning]: trials must be a non-negative integer, got {tuning['trials']!r}")
+    tseeds = tuning.get("seeds", [100])
+    if not (isinstance(tseeds, list) and tseeds and all(_is_int(s) for s in tseeds)):
+        raise ClbenchError(f"{where} [tuning]: seeds must be a non-empty list of integers, e.g. seeds = [100]")
+    if not _is_int(tuning.get("sampler_seed", 0)):
+        raise ClbenchError(f"{where} [tuning]: sampler_seed must be an integer, got {tuning['sampler_seed']!r}")
     check_space(tuning.get("space", {}), f"{where} [tuning]")
     for entry in spec.get("strategy", []):
         if "space" in entry:
             check_space(entry["space"], f"{where} [[strategy]] {entry['name']}")
-    if spec.get("metric", "acc") not in ("acc", "bwt", "fwt", "forgetting", "transfer", "retention"):
-        raise ClbenchError(f"{where}: metric {spec['metric']!r} unknown; use acc (or another column of clbench.core.metrics)")
+    if spec.get("metric", "acc") not in METRICS:
+        raise ClbenchError(f"{where}: metric {spec['metric']!r} unknown; use one of {', '.join(METRICS)} "
+                           "(see clbench.core.metrics)")
 
 
 def protocol(spec: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +267,8 @@ def find(name: str | os.PathLike) -> Path:
     """A suite by name (``clbench/suites/NAME.toml``) or by path."""
     path = Path(name)
     if path.suffix == ".toml":
+        if path.is_dir():
+            raise ClbenchError(f"suite file {path} is a folder; give the path of a suite .toml file")
         if not path.is_file():
             raise ClbenchError(f"suite file {path} not found")
         return path
@@ -217,13 +284,22 @@ def find(name: str | os.PathLike) -> Path:
 
 def load(name: str | os.PathLike) -> Suite:
     """Load and check a suite file."""
+    from clbench.core.registry import check_name
+
     path = find(name)
     try:
         with open(path, "rb") as f:
             spec = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ClbenchError(f"suite file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ClbenchError(f"cannot read suite file {path} ({e.strerror or e})") from None
     _check(spec, f"suite file {path}")
+    if "name" not in spec:
+        try:
+            check_name("suite", path.stem)
+        except ClbenchError as e:
+            raise ClbenchError(f"suite file {path}: {e}; rename the file or give name = \"...\" in it") from None
     return Suite(name=spec.get("name", path.stem), version=spec["version"], path=path, spec=spec,
                  protocol_hash=protocol_hash(spec))
 

@@ -2,12 +2,15 @@
 
 Objective: the suite metric of the whole continual run (e.g. final ACC), averaged
 over the suite's stream configs and tuning seeds, measured on the validation
-split (never a test set; see clbench.experiments.suite). Every strategy gets the same number
-of trials. Trials live in an Optuna storage (SQLite file by default), so a
-killed search resumes: finished trials are kept, a trial that was running when
-the process died is marked failed and its parameters are queued again.
-Trials run through the sweep executors (this process, local processes, or Ray
-tasks across machines), one batch of ``jobs`` trials at a time.
+split (never a test set; see clbench.experiments.suite), maximised or minimised as
+clbench.core.metrics.direction says. Every strategy gets the same number of counted
+trials. Trials live in an Optuna storage (SQLite file by default) that any number of
+processes share: a killed search resumes (finished trials are kept, a dead process's
+running trial is recognised by its stale heartbeat and its setting redone), and a
+trial that failed because of the environment is retried rather than counted (see
+clbench.experiments.trials). Trials run through the sweep executors (this process,
+local processes, or Ray tasks across machines), one batch of ``jobs`` trials at a time.
+Guide: docs/tuning.md.
 
 TPE sampler: Bergstra et al., "Algorithms for hyper-parameter optimization", NeurIPS 2011.
 """
@@ -15,11 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from clbench.core.errors import ClbenchError
+from clbench.experiments import trials
 from clbench.experiments.suite import Suite, cells, check_space, protocol, tuning_split
 
 
@@ -50,29 +58,42 @@ def _suggest(trial: Any, space: dict[str, tuple]) -> dict[str, Any]:
 
 
 def study_name(suite: Suite, strategy: str, fixed: dict[str, Any], space: dict[str, tuple]) -> str:
-    """One study per (suite protocol, strategy, fixed arguments, search space)."""
-    digest = hashlib.sha1(json.dumps([fixed, space], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """One study per (suite protocol, strategy, fixed arguments, search space); a minimised metric's study has
+    its own name, apart from any maximised study of that metric an older store holds."""
+    from clbench.core.metrics import direction
+
+    key: list[Any] = [fixed, space]
+    if direction(protocol(suite.spec)["metric"]) == "minimize":
+        key.append("minimize")
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{suite.name}-v{suite.version}-{suite.protocol_hash}-{strategy}-{digest}"
 
 
 def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str | None = None,
          executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
-         max_new_trials: int | None = None, progress: bool = True) -> dict[str, Any]:
+         max_new_trials: int | None = None, progress: bool = True, heartbeat_interval: int = trials.HEARTBEAT_S,
+         grace_period: int = trials.GRACE_S) -> dict[str, Any]:
     """Search ``strategy``'s space with the suite's budget; returns and writes ``<store>/tuning/<study>.json``.
 
-    The result: chosen settings, validation score, budget (trials counted), the space and every trial.
-    ``max_new_trials`` stops after that many new trials (the search resumes on the next call).
+    The result: chosen settings, validation score, budget (trials counted), the space and every counted trial.
+    ``max_new_trials`` stops after that many new trials (the search resumes on the next call). Any number of
+    processes, here or on other machines, may tune the same strategy on one ``storage`` at once: together they
+    run the budget once (see clbench.experiments.trials). A trial that fails because of the environment or the
+    code is not counted: the search stops with a ClbenchError and retries that setting on the next call.
     """
-    try:
-        import optuna
-    except ImportError:
-        raise ClbenchError("tuning needs Optuna; install it with: pip install optuna") from None
     from tqdm.auto import tqdm
 
+    from clbench.core.engine import resolve_device
+    from clbench.core.io import check_writable_folder
+    from clbench.core.metrics import direction
     from clbench.core.registry import check_arguments, lookup
     from clbench.experiments import sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if jobs < 1:
+        raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
+    if max_new_trials is not None and max_new_trials < 1:
+        raise ClbenchError(f"--max-new-trials must be at least 1, got {max_new_trials}")
     proto = protocol(suite.spec)
     budget = int(proto["tuning"]["trials"])
     fixed = dict(suite.strategy_entry(strategy).get("args", {}))
@@ -81,88 +102,137 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
                     {**proto["training"], **fixed, **{key: None for key in space}})  # the space: names only
     for cfg in suite.streams():
         check_arguments("stream", cfg["stream"], lookup("stream", cfg["stream"]), cfg["stream_args"])
+    device = device or suite.spec.get("device", "cpu")
+    resolve_device(device)  # a device this machine lacks fails now, not in every trial
     store_dir = Path(store_dir)
-    (store_dir / "tuning").mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(store_dir / 'tuning.db').resolve()}"
+    check_writable_folder(store_dir, "the store folder")
+    check_writable_folder(store_dir / "tuning", "the store's tuning folder")
+    url = storage or f"sqlite:///{(store_dir / 'tuning.db').resolve()}"
     name = study_name(suite, strategy, fixed, space)
-    summary: dict[str, Any] = {"study": name, "storage": storage, "strategy": strategy, "fixed_args": fixed,
-                               "space": {k: list(v) for k, v in space.items()}, "budget_trials": budget,
-                               "tuning_seeds": proto["tuning"]["seeds"], "validation": proto["validation"],
-                               "metric": proto["metric"], "suite": suite.tag}
+    goal = direction(proto["metric"])
+    summary: dict[str, Any] = {"study": name, "storage": trials.redact(url), "strategy": strategy,
+                               "fixed_args": fixed, "space": {k: list(v) for k, v in space.items()},
+                               "budget_trials": budget, "tuning_seeds": proto["tuning"]["seeds"],
+                               "validation": proto["validation"], "metric": proto["metric"], "direction": goal,
+                               "suite": suite.tag}
     if not space or budget == 0:
         summary.update(chosen={}, validation_score=None, trials_counted=0, trials=[],
                        note="nothing to tune" if not space else "the suite's tuning budget is 0 trials")
         return _write(store_dir, name, summary)
 
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.enqueue_trial(stale.params, skip_if_exists=False)  # a killed process left it running: redo it
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-    counted = lambda: [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE  # noqa: E731
-                       or (t.state == optuna.trial.TrialState.FAIL and "failed" in t.user_attrs)]
-    study.sampler = optuna.samplers.TPESampler(seed=int(proto["tuning"]["sampler_seed"]) + len(study.trials))
-    device = device or suite.spec.get("device", "cpu")
+    rdb = trials.open_storage(url, heartbeat_interval, grace_period)
+    study = trials.open_study(rdb, name, goal, int(proto["tuning"]["sampler_seed"]))
     split = tuning_split(suite)
     commit = sweep.git_commit()
-    new = 0
-    todo_total = budget - len(counted())
-    if max_new_trials is not None:
-        todo_total = min(todo_total, max_new_trials)
-    bar = tqdm(total=max(todo_total, 0), disable=None if progress else True, unit="trial", desc=f"tune {strategy}")
-    while len(counted()) < budget and (max_new_trials is None or new < max_new_trials):
-        n = min(jobs, budget - len(counted()), (max_new_trials - new) if max_new_trials is not None else jobs)
-        trials = [study.ask() for _ in range(n)]
-        plan = {}
-        for trial in trials:
-            params = _suggest(trial, space)
-            for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split):
-                plan[sweep.cell_id(cell)] = (trial, cell)
-        todo = [cell for _, cell in plan.values()]
-        if executor == "ray":
-            outcomes = sweep._ray(todo, device, commit, address, 1.0, None, None)
-        elif jobs > 1:
-            outcomes = sweep._processes(todo, device, commit, jobs, None)
-        else:
-            outcomes = sweep._serial(todo, device, commit, None)
-        scores: dict[int, list[float]] = {t.number: [] for t in trials}
-        errors: dict[int, str] = {}
-        for cell, record, error in outcomes:
-            trial = plan[sweep.cell_id(cell)][0]
-            if error is not None:
-                errors.setdefault(trial.number, f"{type(error).__name__}: {error}")
-            else:
-                value = record["metrics"].get(proto["metric"])
-                scores[trial.number].append(float("nan") if value is None else float(value))
-        for trial in trials:
-            values = scores[trial.number]
-            if trial.number in errors or not values or any(v != v for v in values):
-                trial.set_user_attr("failed", errors.get(trial.number, "the metric is undefined (NaN)"))
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, sum(values) / len(values))
-            new += 1
-            bar.update(1)
+    new, errors = 0, []
+    bar = tqdm(total=budget, disable=None if progress else True, unit="trial", desc=f"tune {strategy}")
+    while not errors:
+        trials.fail_stale(study, grace_period)
+        now = study.get_trials(deepcopy=False)
+        counted = sum(map(trials.counts, now))
+        bar.update(counted - bar.n)
+        if counted >= budget or (max_new_trials is not None and new >= max_new_trials):
+            break
+        room = budget - counted - sum(t.state == optuna.trial.TrialState.RUNNING for t in now)
+        if room <= 0:  # the rest of the budget runs in other processes: wait for it (or for it to go stale)
+            time.sleep(min(2.0, heartbeat_interval))
+            continue
+        n = min(jobs, room, jobs if max_new_trials is None else max_new_trials - new)
+        batch = trials.ask(study, rdb, n, budget)
+        with trials.heartbeats(study, rdb, batch, heartbeat_interval):
+            errors = _run_batch(study, batch, suite, strategy, fixed, space, proto, split, device, commit,
+                                executor, jobs, address)
+        new += len(batch)
     bar.close()
-    done = counted()
+    if errors:
+        raise ClbenchError(f"{len(errors)} tuning trial(s) of {strategy} failed because of the environment or the "
+                           f"code, not their settings ({'; '.join(sorted(set(errors)))[:500]}); they do not count "
+                           "toward the budget and are retried on the next run: fix the cause, then rerun")
+    done = [t for t in study.get_trials(deepcopy=False) if trials.counts(t)]
     complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        reasons = "; ".join(sorted({t.user_attrs.get("failed", "?") for t in done}))[:500]
-        raise ClbenchError(f"every tuning trial of {strategy} failed so far ({reasons}); narrow its search space "
-                           "(e.g. a smaller lr range) in the suite's [[strategy]] space")
-    best = max(complete, key=lambda t: (t.value, -t.number))
+        reasons = "; ".join(sorted({trials.failure(t) or "?" for t in done}))[:500]
+        raise ClbenchError(f"every tuning trial of {strategy} diverged so far ({reasons}); narrow its search "
+                           "space (e.g. a smaller lr range) in the suite's [[strategy]] space")
+    sign = 1 if goal == "maximize" else -1
+    best = max(complete, key=lambda t: (sign * t.value, -t.number))
     # chosen floats rounded to 4 significant digits: readable leaderboard rows, and well inside what the
     # validation score can resolve
     chosen = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in best.params.items()}
     summary.update(chosen=chosen, validation_score=best.value, trials_counted=len(done),
                    finished=len(done) >= budget,
                    trials=[{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name,
-                            **({"failed": t.user_attrs["failed"]} if "failed" in t.user_attrs else {})}
+                            **({"failed": trials.failure(t)} if trials.failure(t) else {})}
                            for t in sorted(done, key=lambda t: t.number)])
     return _write(store_dir, name, summary)
 
 
+def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict[str, Any],
+               space: dict[str, tuple], proto: dict[str, Any], split: dict[str, Any], device: str,
+               commit: str | None, executor: str, jobs: int, address: str | None) -> list[str]:
+    """Run and tell the trials of ``batch``; returns the errors of those that failed for other reasons than
+    their setting (told FAIL and queued again). An interruption tells the unfinished ones the same way."""
+    from clbench.core.engine import TrainingDiverged
+    from clbench.experiments import sweep
+
+    told: set[int] = set()
+    try:
+        plan: dict[str, list] = {}  # cell id -> the trials it scores (two trials may share a setting)
+        cells_by_id: dict[str, dict[str, Any]] = {}
+        for trial in batch:
+            params = _suggest(trial, space)
+            for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split):
+                plan.setdefault(sweep.cell_id(cell), []).append(trial)
+                cells_by_id[sweep.cell_id(cell)] = cell
+        todo = list(cells_by_id.values())
+        if executor == "ray":
+            outcomes = sweep._ray(todo, device, commit, address, 1.0, None, None)
+        elif jobs > 1:
+            outcomes = sweep._processes(todo, device, commit, jobs, None)
+        else:
+            outcomes = sweep._serial(todo, device, commit, None)
+        scores: dict[int, list[float]] = {t.number: [] for t in batch}
+        diverged: dict[int, str] = {}
+        errors: dict[int, str] = {}
+        for cell, record, error in outcomes:
+            for trial in plan[sweep.cell_id(cell)]:
+                if isinstance(error, TrainingDiverged):
+                    diverged.setdefault(trial.number, f"TrainingDiverged: {error}")
+                elif error is not None:
+                    errors.setdefault(trial.number, f"{type(error).__name__}: {error}")
+                else:
+                    value = record["metrics"].get(proto["metric"])
+                    scores[trial.number].append(float("nan") if value is None else float(value))
+        for trial in batch:
+            values = scores[trial.number]
+            if trial.number in errors:
+                _discard(study, trial, errors[trial.number])
+            elif trial.number in diverged or not values or not all(math.isfinite(v) for v in values):
+                trial.set_user_attr(trials.DIVERGED, diverged.get(trial.number, "the metric is undefined (not a "
+                                                                                "finite number)"))
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, sum(values) / len(values))
+            told.add(trial.number)
+        return list(errors.values())
+    except BaseException as e:  # an interruption (or a bug): the unfinished trials do not count, and are redone
+        for trial in batch:
+            if trial.number not in told:
+                _discard(study, trial, f"interrupted ({type(e).__name__})")
+        raise
+
+
+def _discard(study: Any, trial: Any, why: str) -> None:
+    """Tell ``trial`` FAIL (it does not count) and queue its setting again."""
+    trial.set_user_attr(trials.ERROR, why)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    trials._requeue(study, trial)
+
+
 def _write(store_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    path = store_dir / "tuning" / f"{name}.json"
+    from clbench.core.io import inside
+
+    path = inside(store_dir / "tuning", f"{name}.json")
     tmp = path.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)

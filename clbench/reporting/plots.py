@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from clbench.core.errors import ClbenchError  # noqa: E402
+from clbench.core.metrics import higher_is_better  # noqa: E402
 
 
 def strategy_labels(table: pd.DataFrame) -> pd.Series:
@@ -122,11 +123,13 @@ def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric:
         raise ClbenchError(f"{csv} has no column {metric}_mean; pick one of "
                            f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")
     table["label"] = strategy_labels(table)
-    agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean")).sort_values("mean")
+    agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean"))
+    agg = agg.sort_values("mean", ascending=higher_is_better(metric))  # the best bar on top
     width = 4.5 + 0.075 * max(len(label) for label in agg.index)  # room for the longest label
     fig, ax = plt.subplots(figsize=(width, 0.45 * len(agg) + 1.8), layout="constrained")
     ax.barh(agg.index, agg["mean"], xerr=agg["ci"].fillna(0), color="tab:blue", capsize=3)
-    ax.set_xlabel(f"{metric}, mean over stream configs\n(error bars: mean 95% CI over seeds)")
+    better = "higher" if higher_is_better(metric) else "lower"
+    ax.set_xlabel(f"{metric} ({better} is better), mean over stream configs\n(error bars: mean 95% CI over seeds)")
     ax.set_ylabel("strategy")
     fig.suptitle(f"Leaderboard: {os.path.basename(str(csv))}")
     fig.savefig(output, dpi=120)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from clbench.core import metrics as cl_metrics
 from clbench.core.errors import ClbenchError
 from clbench.reporting.leaderboard import T95, ci95
 
@@ -40,8 +41,11 @@ def paired_tied(best: pd.Series, other: pd.Series) -> bool | None:
     return bool(abs(d.mean()) <= _t95(len(d) - 1) * sd / math.sqrt(len(d)))
 
 
-def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool = True) -> pd.DataFrame:
-    """One row per (strategy, strategy_args), best first, from ``leaderboard.runs_table`` rows."""
+def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool | None = None) -> pd.DataFrame:
+    """One row per (strategy, strategy_args), best first, from ``leaderboard.runs_table`` rows; which way is
+    better comes from clbench.core.metrics.direction unless ``higher_is_better`` says."""
+    if higher_is_better is None:
+        higher_is_better = cl_metrics.higher_is_better(metric)
     if runs.empty:
         raise ClbenchError("no runs to rank")
     if "protocol_hash" in runs and runs["protocol_hash"].nunique(dropna=False) > 1:
@@ -105,7 +109,9 @@ def chart(table: pd.DataFrame, output: str, metric: str = "acc", highlight: str 
     y = np.arange(len(table))[::-1]
     ax.barh(y, table[f"{metric}_mean"], xerr=table[f"{metric}_ci95"].fillna(0), color=colors, capsize=3)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel(f"{metric}, mean over seeds (bars: 95% CI)\ndark: not distinguishable from the best")
+    better = "higher" if cl_metrics.higher_is_better(metric) else "lower"
+    ax.set_xlabel(f"{metric} ({better} is better), mean over seeds (bars: 95% CI)\n"
+                  "dark: not distinguishable from the best")
     fig.suptitle(title or "Suite leaderboard")
     fig.savefig(output, dpi=110)
     plt.close(fig)
@@ -212,7 +218,7 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
     images = {}
     if suite:
         metric = suite.get("metric", "acc")
-        table = ranked(runs, metric, higher_is_better=metric not in ("forgetting", "forgetting_last"))
+        table = ranked(runs, metric)
         provenance.update(suite=suite["name"], suite_version=str(suite["version"]),
                           protocol_hash=suite["protocol_hash"], seeds=sorted(set(runs["seed"].tolist())))
         for path in sorted(Path(store_dir, "tuning").glob("*.json")):
