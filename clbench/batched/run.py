@@ -41,7 +41,7 @@ from torch import nn
 
 from clbench.core import metrics
 from clbench.core.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, _scores, make_optimizer, resolve_device,
-                            seed_torch, versions)
+                            score_problem, seed_torch, versions)
 from clbench.core.errors import ClbenchError
 from clbench.fisher.estimators import fisher_losses
 from clbench.models.networks import ACTIVATIONS, build_model, count_parameters
@@ -1190,8 +1190,21 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                              "raw": _finite(raw[b].tolist()), "batched_members": B},
                       complete=complete)
 
+    def check_row(i: int) -> None:  # members diverge independently (see clbench.core.engine.run)
+        finite = torch.stack([torch.isfinite(p.detach().reshape(B, -1)).all(1) for p in g.net.params]).all(0)
+        finite = finite.tolist()
+        for b in range(B):
+            why = None if i == 0 or finite[b] else "a weight became NaN or infinite"
+            why = why or score_problem(raw[b, i], stream0.loss, raw[b, 0] if i else None)
+            if why and b not in failed:
+                raw[b, i] = np.nan  # the partial result keeps the rows before the divergence
+                failed[b] = TrainingDiverged(
+                    f"the run diverged on task {max(i, 1)}: {why} (lr={settings['lr']}); lower the learning rate "
+                    "with --strategy-arg lr=... or check the strategy's arguments", result(b, complete=False))
+
     adapter.refresh()
     raw[:, 0] = g.evaluate()
+    check_row(0)
     for i in range(T):
         for b in range(B):
             g.hook(b, "before_task", g.tasks[b][i])
@@ -1258,6 +1271,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                     failed[b] = e
         adapter.refresh()
         raw[:, i + 1] = g.evaluate()
+        check_row(i + 1)
     if hasattr(adapter, "finish"):
         adapter.finish()
     for b in range(B):
