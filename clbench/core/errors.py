@@ -30,3 +30,25 @@ def warn(message: str) -> None:
     import warnings
 
     warnings.warn(message, ClbenchWarning, stacklevel=3)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was kept and what was lost (the CLI prints it and exits with status 130)."""
+
+
+def cpu_limit(option: str, value: int, what: str) -> int:
+    """``value`` for a per-core setting (--threads, --jobs): an error below 1, capped with a warning at
+    the number of CPU cores this process may use (more threads than cores only slows torch down, and a
+    huge count crashes it)."""
+    import os
+
+    if value < 1:
+        raise ClbenchError(f"{option} must be at least 1, got {value}")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if value > cores:
+        warn(f"{option} {value} is more than the {cores} CPU cores here; using {cores} {what}")
+        return cores
+    return value

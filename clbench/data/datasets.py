@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from clbench.core.errors import ClbenchError
-from clbench.core.io import check_writable_folder, sha256
+from clbench.core.io import atomic_write, check_writable_folder, sha256
 
 
 @dataclass(frozen=True)
@@ -277,9 +277,7 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
     data = _decode(info, files)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, cached)
+        atomic_write(cached, lambda f: torch.save(data, f))
     except OSError:
         pass  # read-only cache: decode again next time
     return {**data, "source": used}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write
 from clbench.experiments.suite import Suite, cells, check_space, protocol, tuning_split
 
 
@@ -163,8 +164,6 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
 
 def _write(store_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
     path = store_dir / "tuning" / f"{name}.json"
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(summary, indent=1, sort_keys=True, default=str))
     summary["path"] = str(path)
     return summary

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import write_or_rescue
 
 BASE_MODEL = "vit_tiny_patch16_224"  # timm's ViT-Ti; its size arguments are overridden below
 
@@ -167,9 +168,8 @@ def pretrain(
     meta = {"backbone": BASE_MODEL, "backbone_args": args, **info, "epochs": epochs, "lr": lr, "seed": seed,
             "heldout_accuracy": acc, "input": "the dataset's model inputs (synthetic digits: pixels / 255)"}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output}.tmp"
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "clbench": meta}, tmp)
-    Path(tmp).replace(output)
+    checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "clbench": meta}
+    write_or_rescue(output, lambda f: torch.save(checkpoint, f), "the checkpoint")
     return meta
 
 

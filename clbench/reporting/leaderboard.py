@@ -13,6 +13,7 @@ import pandas as pd
 
 from clbench.core import metrics
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write
 from clbench.experiments.store import Store
 
 METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention"]
@@ -104,6 +105,4 @@ def build(store: Store) -> pd.DataFrame:
 
 def write(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write the CSV with fixed float formatting, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-    os.replace(tmp, path)
+    atomic_write(path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
