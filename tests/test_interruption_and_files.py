@@ -120,3 +120,82 @@ def test_a_leaderboard_averages_and_counts_the_same_seeds_and_flags_diverged_one
     assert row["n_seeds"] == 2 and row["diverged_seeds"] == 1
     assert row["acc_mean"] == pytest.approx(np.mean([r["metrics"]["acc"] for r in records[:2]]))
     assert row["bwt_mean"] == pytest.approx(np.mean([r["metrics"]["bwt"] for r in records[:2]]))
+
+
+def test_a_stale_decoded_cache_is_never_used_for_a_rewritten_file(tmp_path, monkeypatch):
+    from fake_data import idx_bytes, write_idx_dataset
+
+    from clbench.data import datasets as data
+
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    root = write_idx_dataset(tmp_path / "raw", train=50, test=20, gz=False)
+    first = data.load("mnist", root=root)
+    labels = root / "t10k-labels-idx1-ubyte"
+    stat = labels.stat()
+    new = (first["test_y"].numpy() + 1) % 10  # same size, other contents
+    labels.write_bytes(idx_bytes(new.astype(np.uint8)))
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p / rsync -t leave it
+    assert labels.stat().st_size == stat.st_size and labels.stat().st_mtime_ns == stat.st_mtime_ns
+    second = data.load("mnist", root=root)
+    assert second["test_y"].tolist() == new.tolist()
+    assert second["source"]["files"] != first["source"]["files"]  # provenance and tensors agree
+
+
+def test_a_gzipped_idx_file_declaring_a_huge_array_is_refused_from_its_header(tmp_path):
+    from clbench.data import datasets as data
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (60000 * 100, 28, 28))
+    with gzip.open(path, "wb") as f:  # a few kB on disk, 4.7 GB decompressed
+        f.write(header)
+        for _ in range(20):
+            f.write(bytes(1 << 20))
+    read = []
+    real_open = gzip.open
+
+    class Counting:
+        def __init__(self, *a):
+            self.f = real_open(*a)
+
+        def read(self, n=-1):
+            out = self.f.read(n)
+            read.append(len(out))
+            return out
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    gzip.open = Counting
+    try:
+        with pytest.raises(ClbenchError, match=r"declares an array of shape \(6000000, 28, 28\).*at most \(60000, 28, 28\)"):
+            data.read_idx(path, "mnist", (60000, 28, 28))
+    finally:
+        gzip.open = real_open
+    assert sum(read) == len(header)  # nothing decompressed beyond the header
+
+
+def test_an_l2p_checkpoint_whose_metadata_names_a_large_vit_is_refused_before_building_it(tmp_path, monkeypatch):
+    import timm
+
+    from clbench.strategies.l2p import load_backbone
+
+    path = tmp_path / "tiny.pth"
+    state = {"patch_embed.proj.weight": torch.zeros(2, 1, 4, 4), "cls_token": torch.zeros(1, 1, 2)}
+    torch.save({"state_dict": state, "clbench": {"backbone": "vit_base_patch16_224",
+                                                  "backbone_args": {"img_size": 224}}}, path)
+    assert path.stat().st_size < 4000
+    built = []
+    real = timm.create_model
+
+    def create(*a, **kw):
+        model = real(*a, **kw)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create)
+    with pytest.raises(ClbenchError, match="does not match the backbone 'vit_base_patch16_224'"):
+        load_backbone(None, None, str(path), False)
+    assert built == ["meta"]  # shapes compared on a model without memory; no real ViT-B was allocated
