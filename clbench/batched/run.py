@@ -42,7 +42,7 @@ from torch import nn
 from clbench.core import metrics
 from clbench.core.engine import (Result, TrainingDiverged, _finite, _peak_memory_mb, _scores, make_optimizer, resolve_device,
                             score_problem, seed_torch, versions)
-from clbench.core.errors import ClbenchError
+from clbench.core.errors import ClbenchError, env_number
 from clbench.fisher.estimators import fisher_losses
 from clbench.models.networks import ACTIVATIONS, build_model, count_parameters
 from clbench.core.strategy import Strategy
@@ -1099,7 +1099,7 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     batched (see :func:`batchable`) raises; use ``clbench.run`` for it.
     """
     dev = resolve_device(device)
-    budget = float(memory_mb or os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
+    budget = float(memory_mb or env_number("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
     models, groups = [], {}
     for k, m in enumerate(members):
         why = batchable(m.stream, m.strategy)
@@ -1397,7 +1397,7 @@ def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, 
     from clbench.experiments.sweep import process_pool
 
     batches = plan(todo, batch, jobs)
-    budget = float(os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) / jobs
+    budget = env_number("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB) / jobs
     if jobs == 1:
         for cells in batches:
             yield from iter_cells(cells, device, threads, commit=commit, memory_mb=budget)

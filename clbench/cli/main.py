@@ -101,8 +101,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     except ValueError:
         raise ClbenchError(f"--classes must be comma-separated integers, e.g. 0,1,2; got {args.classes!r}") from None
-    if args.samples < 10 or args.epochs < 1:
-        raise ClbenchError("--samples must be >= 10 and --epochs >= 1")
+    from clbench.models.pretrain import check_settings
+
+    check_settings(samples=args.samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads)
     try:  # pretrain makes the checkpoint's folder (as it always has); what cannot be written fails now
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     except OSError as e:
@@ -321,6 +323,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from clbench.experiments.store import Store
 
     check_output_file(args.output)
+    if args.html:
+        check_output_file(args.html, "--html")
     table = leaderboard.build(Store(args.store, create=False))
     if table.empty:
         raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")

@@ -32,6 +32,23 @@ def warn(message: str) -> None:
     warnings.warn(message, ClbenchWarning, stacklevel=3)
 
 
+def env_number(name: str, default: float, low: float = 0.0) -> float:
+    """The environment variable ``name`` as a number > ``low`` (``default`` when unset or empty)."""
+    import math
+    import os
+
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > low):
+        raise ClbenchError(f"${name}={raw!r} must be a number > {low:g}; set it to one (e.g. {default:g}) or unset it")
+    return value
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what was kept and what was lost (the CLI prints it and exits with status 130)."""
 
