@@ -375,7 +375,8 @@ BAD = {
     "pretrain depth 0": (["pretrain", "--depth", "0", "--output", "OUT"], "--depth must be"),
     "leaderboard --html a folder": (["leaderboard", "--store", "STORE", "--output", "OUT", "--html", "TMP"],
                                     "--html .* is a folder"),
-    "CLBENCH_DATA a file": (["run", "--stream", "permuted-mnist", "ENV:CLBENCH_DATA=FILE"], "\\$CLBENCH_DATA .* is a file"),
+    "CLBENCH_DATA a file": (["run", "--stream", "permuted-mnist", "ENV:CLBENCH_DATA=FILE"],
+                            "the data folder \\(\\$CLBENCH_DATA\\) .* is a file"),
     "CLBENCH_BATCH_MEMORY_MB not a number": (["run", "ENV:CLBENCH_BATCH_MEMORY_MB=lots"],
                                              "\\$CLBENCH_BATCH_MEMORY_MB='lots' must be a number"),
 }

@@ -61,9 +61,8 @@ def cache_dir() -> Path:
     """``$CLBENCH_DATA`` or ~/.cache/clbench (a ClbenchError if it names something that is not a folder)."""
     folder = Path(os.environ.get("CLBENCH_DATA") or Path.home() / ".cache" / "clbench")
     if folder.exists() and not folder.is_dir():
-        where = "$CLBENCH_DATA" if os.environ.get("CLBENCH_DATA") else "the data folder"
-        raise ClbenchError(f"{where} {folder} is a file, not a folder; point CLBENCH_DATA at a folder (datasets "
-                           "and their decoded copies are kept there)")
+        raise ClbenchError(f"the data folder ($CLBENCH_DATA) {folder} is a file, not a folder; point CLBENCH_DATA "
+                           "at a folder (datasets and their decoded copies are kept there)")
     return folder
 
 
