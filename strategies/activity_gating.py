@@ -28,7 +28,12 @@ from clbench.core.types import Stream, Task
 
 def random_gate(size: int, alpha: float, seed: int, rescale: bool, sampling: str = "exact") -> torch.Tensor:
     """A 0/1 vector (scaled by 1/sqrt(alpha) if rescale): round(alpha * size) ones at random places
-    (``sampling="exact"``), or each unit on independently with probability alpha (``"bernoulli"``, Hiratani's scripts)."""
+    (``sampling="exact"``), or each unit on independently with probability alpha (``"bernoulli"``, Hiratani's scripts).
+    An alpha that leaves less than half a unit active (round(alpha * size) = 0) is an error: one unit scaled
+    by 1/sqrt(alpha) would only blow the activity up."""
+    if alpha * size < 0.5:
+        raise ClbenchError(f"alpha={alpha:g} leaves round(alpha * {size}) = 0 of a layer's {size} units active; "
+                           f"use alpha >= {0.5 / size:.3g} (at least one active unit)")
     g = torch.Generator().manual_seed(seed)
     if sampling == "bernoulli":
         gate = (torch.rand(size, generator=g) < alpha).float()

@@ -60,6 +60,9 @@ class AdaptiveGating(ActivityGating):
         if rule not in RULES:
             raise ClbenchError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.probe_samples, self.rule = int(probe_samples), rule
+        if self.probe_samples < 1:
+            raise ClbenchError(f"probe_samples must be at least 1 (the training samples the gate reuse is measured "
+                               f"on), got {probe_samples}")
         self.reuse: dict[int, float] = {}
 
     def setup(self, model, stream):

@@ -37,8 +37,6 @@ from clbench.core.types import Stream, Task
 def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str | None,
                   pretrained: bool) -> tuple[nn.Module, dict[str, Any]]:
     """A frozen timm ViT (no classifier) and a description of where its weights came from."""
-    import timm
-
     from clbench.models.pretrain import checkpoint_metadata
 
     if checkpoint and pretrained:
@@ -50,19 +48,29 @@ def load_backbone(name: str | None, args: dict[str, Any] | None, checkpoint: str
     state = checkpoint_state(checkpoint) if checkpoint else None
     name = name or meta.get("backbone") or "vit_base_patch16_224.augreg_in21k"
     args = {**meta.get("backbone_args", {}), **(args or {})}
-    try:
-        model = timm.create_model(name, pretrained=not checkpoint, num_classes=0, **args)
-    except Exception as e:  # noqa: BLE001 - timm raises many kinds; the user needs one line
-        raise ClbenchError(f"cannot build the L2P backbone {name!r} ({type(e).__name__}: {e}); check backbone, "
-                           "backbone_args and the checkpoint (a timm ViT state dict)") from None
-    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
-        raise ClbenchError(f"backbone {name!r} is not a timm VisionTransformer; use a vit_* model")
+    if checkpoint:  # the architecture the metadata names, built without memory, must match the weights first:
+        with torch.device("meta"):  # a small file naming a ViT-L must not cost gigabytes before it is refused
+            load_checkpoint_strict(_build(name, args, False), state, checkpoint, name, load=False)
+    model = _build(name, args, not checkpoint)
     if checkpoint:
         load_checkpoint_strict(model, state, checkpoint, name)
     model.requires_grad_(False).eval()
     source = {"source": "checkpoint" if checkpoint else "hub", "name": name, "args": args,
               "file": str(checkpoint) if checkpoint else None, "pretraining": meta or None}
     return model, source
+
+
+def _build(name: str, args: dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **args)
+    except Exception as e:  # noqa: BLE001 - timm raises many kinds; the user needs one line
+        raise ClbenchError(f"cannot build the L2P backbone {name!r} ({type(e).__name__}: {e}); check backbone, "
+                           "backbone_args and the checkpoint (a timm ViT state dict)") from None
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise ClbenchError(f"backbone {name!r} is not a timm VisionTransformer; use a vit_* model")
+    return model
 
 
 def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
@@ -85,9 +93,11 @@ def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+def load_checkpoint_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str,
+                           load: bool = True) -> None:
     """Load ``state`` into ``model`` (the classifier head aside); any missing, unexpected or misshapen weight is an
-    error, never a backbone left partly random."""
+    error, never a backbone left partly random. ``load=False`` only compares (e.g. with a model on the meta
+    device, which has shapes but no memory)."""
     try:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -106,7 +116,8 @@ def load_checkpoint_strict(model: nn.Module, state: dict[str, torch.Tensor], pat
         raise ClbenchError(f"backbone checkpoint {path!r} does not match the backbone {name!r} "
                            f"({'; '.join(parts)}); pass backbone=NAME and backbone_args={{...}} for the architecture "
                            "it was saved from (a `clbench pretrain` checkpoint records them)")
-    model.load_state_dict(state, strict=True)
+    if load:
+        model.load_state_dict(state, strict=True)
 
 
 class PromptedViT(nn.Module):

@@ -10,9 +10,12 @@ g is the gradient the optimizer used (task loss plus the SI penalty).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from clbench.batched import Adapter, batched_form, member_numbers
+from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy, count_parameters, parameter_vector
 from clbench.core.types import Task
@@ -27,6 +30,12 @@ class SynapticIntelligence(Strategy):
     def __init__(self, c: float = 0.1, xi: float = 1e-3, **train) -> None:
         super().__init__(**train)
         self.c, self.xi = float(c), float(xi)
+        if not self.c >= 0 or not math.isfinite(self.c):
+            raise ClbenchError(f"c must be a finite number >= 0 (the penalty's strength; c < 0 rewards forgetting), "
+                               f"got {c}")
+        if not self.xi > 0 or not math.isfinite(self.xi):
+            raise ClbenchError(f"xi must be a finite number > 0 (it keeps the importance's denominator away from 0), "
+                               f"got {xi}")
         self.omega: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
 

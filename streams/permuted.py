@@ -94,6 +94,10 @@ def permuted(dataset: str, tasks: int = 5, rho_a: float = 0.0, rho_b: float = 1.
     if first_task not in ("raw", "permuted"):
         raise ClbenchError(f"first_task must be 'raw' or 'permuted', got {first_task!r}")
     rho_a, rho_b = check_unit_interval("rho_a", rho_a), check_unit_interval("rho_b", rho_b)
+    if rho_a < 1 and round(PIXELS * (1 - rho_a)) < 2:  # one pixel cannot move alone: the same input as rho_a = 1
+        raise ClbenchError(f"rho_a={rho_a:g} moves no pixel (round({PIXELS} (1 - rho_a)) < 2, and one pixel cannot "
+                           f"move alone); use rho_a=1 for the same input, or rho_a <= {1 - 1.5 / PIXELS:.6f} to move "
+                           "two pixels")
     check_scenario(scenario, ("domain", "task"))
     check_positive(tasks=tasks)
     if readout not in ("classification", "latent"):

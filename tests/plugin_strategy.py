@@ -1,5 +1,4 @@
 """A user's own strategy, outside the package: registers by importing this file."""
-import torch
 
 from clbench import Strategy, register_strategy
 

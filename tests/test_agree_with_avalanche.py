@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from clbench import make_stream
 from conftest import ROOT
 from fake_data import write_idx_dataset
+
+from clbench import make_stream
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_data import write_cifar, write_idx_dataset
 
 import clbench
 from clbench import ClbenchError
-from clbench.data import datasets as data
-from clbench.core import progress
-from clbench.core import registry
 from clbench.cli.commands import main
+from clbench.core import progress, registry
 from clbench.core.errors import ClbenchWarning
 from clbench.core.types import Stream, Task, TrainDefaults
-from fake_data import write_cifar, write_idx_dataset
+from clbench.data import datasets as data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stream", "teacher-student", "--stream-arg", "input_dim=20", "--stream-arg", "latent_dim=4",
@@ -155,7 +154,7 @@ def test_diverged_run_keeps_the_existing_output_and_writes_the_partial_result_be
     out = tmp_path / "r.json"
     out.write_text('{"precious": true}')
     code, _, err = clb("run", *TINY, "--strategy-arg", "lr=1e6", "--strategy-arg", "epochs=3", "--output", out)
-    line = one_line_error(code, err, "training loss became", str(tmp_path / "r.partial.json"), "not touched")
+    line = one_line_error(code, err, "the training loss became", str(tmp_path / "r.partial.json"), "not touched")
     assert out.read_text() == '{"precious": true}', line
     partial = json.loads((tmp_path / "r.partial.json").read_text())
     assert partial["complete"] is False and partial["R"][0][0] is not None

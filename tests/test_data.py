@@ -4,10 +4,10 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from fake_data import write_cifar, write_idx_dataset
 
 from clbench import ClbenchError
 from clbench.data import datasets as data
-from fake_data import write_cifar, write_idx_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,9 @@
 """Export to plain torch datasets and to a real Avalanche benchmark."""
 import pytest
 import torch
+from fake_data import write_idx_dataset
 
 from clbench import make_stream
-from fake_data import write_idx_dataset
 
 
 @pytest.fixture

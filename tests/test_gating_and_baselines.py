@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from fake_data import write_idx_dataset
 
 from clbench import ClbenchError, make_strategy, make_stream, run
-from fake_data import write_idx_dataset
 
 GRID = [(a, b) for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
 

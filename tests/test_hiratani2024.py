@@ -67,7 +67,8 @@ def test_latent_form_of_the_reproduction_matches_the_engine_seed_by_seed():
 
 
 def test_reproduce_quick_matches_the_closed_forms_within_seed_noise(tmp_path):
-    from clbench.reproduce import hiratani2024 as h, reproduce
+    from clbench.reproduce import hiratani2024 as h
+    from clbench.reproduce import reproduce
 
     path = reproduce("hiratani2024", tmp_path / "report", quick=True)
     import json
@@ -137,9 +138,9 @@ def test_layerwise_fisher_gradient_is_the_authors_update():
     """pm_model.py update_wr_fim: dW2_reg = dW2 Phi / ||Phi||, dW1_reg = D W2^T W2 D dW1 X / (||W2^T W2|| ||X||)."""
     import torch
 
-    from clbench.models.networks import build_model
-    from clbench.fisher.layerwise import layerwise
     from clbench.core.types import Stream, Task, TrainDefaults
+    from clbench.fisher.layerwise import layerwise
+    from clbench.models.networks import build_model
 
     torch.manual_seed(0)
     x = torch.randn(64, 12)

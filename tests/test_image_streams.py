@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
-
-from clbench import ClbenchError, make_strategy, make_stream, run
 from fake_data import write_cifar, write_idx_dataset
+
+from clbench import ClbenchError, make_stream
 from clbench.streams.permuted import next_label_map, next_permutation
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from clbench import make_strategy, make_stream, run
-from clbench.fisher import estimators as fisher
 from clbench.core.types import Stream, Task, TrainDefaults
+from clbench.fisher import estimators as fisher
 
 
 def regression_stream(n=4000, d=12, out=3, seed=0):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import clbench
-from clbench.models.pretrain import checkpoint_metadata, pretrain, synthetic_digits
 from clbench.core.types import Stream, Task, TrainDefaults
+from clbench.models.pretrain import checkpoint_metadata, pretrain, synthetic_digits
 from clbench.strategies.l2p import L2P
 
 ROOT = Path(__file__).resolve().parents[1]

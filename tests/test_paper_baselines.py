@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from fake_data import write_idx_dataset
 
 from clbench import make_strategy, make_stream, run
-from fake_data import write_idx_dataset
 
 
 @pytest.fixture

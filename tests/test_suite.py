@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,11 +14,10 @@ import torch
 import clbench
 from clbench import ClbenchError
 from clbench.cli import commands as cli
-from clbench.reporting import leaderboard
-from clbench.reporting import report
 from clbench.experiments import suite as suites
 from clbench.experiments import tune
 from clbench.experiments.store import Store
+from clbench.reporting import leaderboard, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """\

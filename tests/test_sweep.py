@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from clbench import ClbenchError
-from clbench.reporting import leaderboard
 from clbench.experiments import sweep
 from clbench.experiments.store import Store
+from clbench.reporting import leaderboard
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugin_blocking.py")

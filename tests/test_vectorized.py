@@ -1,10 +1,10 @@
 """Vectorised seeds give the engine's matrices."""
 import numpy as np
 import pytest
+from fake_data import write_idx_dataset
 
 from clbench import ClbenchError, make_strategy, make_stream, run
 from clbench.batched import run_seeds
-from fake_data import write_idx_dataset
 
 
 def test_vectorised_seeds_match_separate_runs_regression():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from typing import Any, Iterator
 
@@ -29,10 +28,11 @@ from clbench.core.engine import (
     make_result,
     resolve_device,
     run_config,
+    score_problem,
     seed_torch,
     stream_model,
 )
-from clbench.core.errors import ClbenchError
+from clbench.core.errors import ClbenchError, env_number
 from clbench.core.strategy import count_parameters
 from clbench.core.types import Stream
 from clbench.data.transforms import PixelPermutation
@@ -192,7 +192,7 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     batched (see :func:`batchable`) raises; use ``clbench.run`` for it.
     """
     dev = resolve_device(device)
-    budget = float(memory_mb or os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
+    budget = float(memory_mb or env_number("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
     models, groups = [], {}
     for k, m in enumerate(members):
         why = batchable(m.stream, m.strategy)
@@ -270,8 +270,19 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         return make_result(raw[b], m.stream, m.strategy, models[b], config, m.seed, curves[b],
                            (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B})
 
+    def check_row(i: int) -> None:  # members diverge independently (see clbench.core.engine.run)
+        finite = torch.stack([torch.isfinite(p.detach().reshape(B, -1)).all(1) for p in g.net.params]).all(0)
+        finite = finite.tolist()
+        for b in range(B):
+            why = None if i == 0 or finite[b] else "a weight became NaN or infinite"
+            why = why or score_problem(raw[b, i], members[b].stream.loss, raw[b, 0] if i else None)
+            if why and b not in failed:
+                raw[b, i] = np.nan  # the partial result keeps the rows before the divergence
+                failed[b] = diverged(why, max(i - 1, 0), settings["lr"], result(b, complete=False))
+
     adapter.refresh()
     raw[:, 0] = g.evaluate()
+    check_row(0)
     for i in range(T):
         for b in range(B):
             g.hook(b, "before_task", g.tasks[b][i])
@@ -323,7 +334,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
             for b in range(B):
                 curves[b][-1].append(mean_loss[b])
                 if b not in failed and not math.isfinite(mean_loss[b]):
-                    failed[b] = diverged(mean_loss[b], i, epoch, settings["lr"], result(b, complete=False))
+                    failed[b] = diverged(f"the training loss became {mean_loss[b]} in epoch {epoch + 1}", i,
+                                         settings["lr"], result(b, complete=False))
         adapter.before_after_task()
         if not adapter.after_task(i):
             for b in range(B):
@@ -335,6 +347,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                     failed[b] = e
         adapter.refresh()
         raw[:, i + 1] = g.evaluate()
+        check_row(i + 1)
     if hasattr(adapter, "finish"):
         adapter.finish()
     for b in range(B):

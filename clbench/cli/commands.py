@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Sequence
 
 from clbench.core.errors import ClbenchError
-from clbench.core.io import check_output_file, partial_path
+from clbench.core.io import atomic_write, check_output_file, partial_path, write_or_rescue
 
 DEMO_GRID = (0.0, 0.5, 1.0)
 DEMO_SEEDS = 3
@@ -101,8 +101,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     except ValueError:
         raise ClbenchError(f"--classes must be comma-separated integers, e.g. 0,1,2; got {args.classes!r}") from None
-    if args.samples < 10 or args.epochs < 1:
-        raise ClbenchError("--samples must be >= 10 and --epochs >= 1")
+    from clbench.models.pretrain import check_settings
+
+    check_settings(samples=args.samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads)
     try:  # pretrain makes the checkpoint's folder (as it always has); what cannot be written fails now
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     except OSError as e:
@@ -324,6 +326,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from clbench.reporting import leaderboard
 
     check_output_file(args.output)
+    if args.html:
+        check_output_file(args.html, "--html")
     table = leaderboard.build(Store(args.store, create=False))
     if table.empty:
         raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
@@ -333,10 +337,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         from clbench.reporting.report import page_from_store
 
         page, rows = page_from_store(args.store)
-        tmp = f"{args.html}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(page)
-        os.replace(tmp, args.html)
+        write_or_rescue(args.html, page, "the page")
         print(f"wrote {args.html}: {rows} table rows")
     return 0
 
@@ -461,18 +462,34 @@ def _single_run(args: argparse.Namespace) -> int:
     stream = clbench.make_stream(stream_name, **stream_args)
     config = {"stream_args": stream_args, "strategy_args": strategy_args, "model": args.model or stream.defaults.model,
               "model_args": model_args or (stream.defaults.model_args if not args.model else {})}
+    # with --output, the rows finished so far are kept in the partial file after every task, so that an
+    # interruption (Ctrl-C) or a failure (a plugin's exception) keeps them; never in place of --output,
+    # which holds only complete results
+    partial = partial_path(args.output) if args.output else None
+
+    def keep_rows(r) -> None:
+        try:
+            atomic_write(partial, r.json_text())
+        except OSError:
+            pass  # the final write says what is wrong, and rescues the result
+
+    kept = lambda: f"; {args.output} was not touched" if os.path.exists(args.output) else ""  # noqa: E731
     try:
         result = clbench.run(stream, strategy, model_name=args.model, model_args=model_args, device=args.device,
-                             seed=args.seed, precision=args.precision, progress=not args.quiet, config=config)
+                             seed=args.seed, precision=args.precision, progress=not args.quiet, config=config,
+                             on_row=keep_rows if partial else None)
     except clbench.TrainingDiverged as e:
-        if args.output:  # never in place of --output, which holds only complete results
-            partial = partial_path(args.output)
+        if partial:
             _save(e.partial, partial)
-            kept = f"; {args.output} was not touched" if os.path.exists(args.output) else ""
-            raise ClbenchError(f"{e} (the rows computed so far are in {partial}{kept})") from None
+            raise ClbenchError(f"{e} (the rows computed so far are in {partial}{kept()})") from None
+        raise
+    except BaseException:  # Ctrl-C, a plugin's bug: say where the finished rows are, then fail as before
+        if partial and partial.exists():
+            print(f"clbench: the rows computed so far are in {partial}{kept()}", file=sys.stderr)
         raise
     if args.output:
         _save(result, args.output)
+        partial.unlink(missing_ok=True)
     if not args.quiet:
         _print_result(result)
     return 0
@@ -480,16 +497,7 @@ def _single_run(args: argparse.Namespace) -> int:
 
 def _save(result, path: str | os.PathLike) -> None:
     """Write a result; if that fails after all (the disk filled up, the folder went away), keep it elsewhere."""
-    try:
-        result.to_json(path)
-    except OSError as e:
-        import tempfile
-
-        fd, rescue = tempfile.mkstemp(prefix="clbench-result-", suffix=".json")
-        os.close(fd)
-        result.to_json(rescue)
-        raise ClbenchError(f"could not write {path} ({e.strerror or e}); the result was saved to {rescue} "
-                           "instead") from None
+    write_or_rescue(path, result.json_text())
 
 
 def _print_result(result) -> None:
@@ -541,8 +549,7 @@ def _demo(args: argparse.Namespace) -> int:
     corner = table[(table.rho_a == 1.0) & (table.rho_b == 0.0)].groupby("strategy", sort=False)["retention"].mean()
     summary["retention@(1,0)"] = corner
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_or_rescue(args.output, json.dumps(rows, indent=1), "the demo's results")
     if not args.quiet:
         print("\nMean over the grid and seeds (transfer = score on task 2 after task 1; retention = score on task 1 after "
               "task 2;\nscores are 1 - error/error_at_init; retention@(1,0) is the catastrophic corner "
@@ -558,11 +565,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise ClbenchError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
-        torch.set_num_threads(args.threads)
+        from clbench.core.errors import cpu_limit
+
+        torch.set_num_threads(cpu_limit("--threads", args.threads, "threads"))
     if not (args.stream or args.strategy or args.model or args.stream_arg or args.strategy_arg or args.model_arg):
         return _demo(args)  # nothing chosen: the demo (a --model-arg alone means a single run, checked as one)
     return _single_run(args)
@@ -615,8 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ClbenchError as e:
             print(f"clbench: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("clbench: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:  # clbench.core.errors.Interrupted says what was kept
+            print(f"clbench: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
             return 130
         except Exception as e:  # a bug (in clbench or a plugin): one line, and the way to the traceback
             if os.environ.get("CLBENCH_DEBUG"):

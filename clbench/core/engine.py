@@ -6,6 +6,7 @@ one host sync per epoch (for the NaN check and the loss curve).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from torch import nn
 
 from clbench.core import metrics
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write
 from clbench.core.registry import build_model
 from clbench.core.strategy import Strategy, count_parameters
 from clbench.core.types import Stream, Task
@@ -47,11 +49,12 @@ class Result:
         return asdict(self)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(finite(self.to_dict()), f, indent=1)
-        os.replace(tmp, path)
+        """Write atomically (temporary file, then rename; see clbench.core.io.atomic_write)."""
+        atomic_write(path, self.json_text())
+
+    def json_text(self) -> str:
+        """The result as JSON (non-finite numbers as null)."""
+        return json.dumps(finite_json(self.to_dict()), indent=1)
 
 
 class TrainingDiverged(ClbenchError):
@@ -74,15 +77,44 @@ def seed_torch(seed: int, dev: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     """JSON has no NaN: write None instead."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
+
+
+_finite = finite_json  # the name clbench.batched.run imports
+
+
+def score_problem(raw_row: np.ndarray, loss: str, init: np.ndarray | None = None) -> str | None:
+    """Why a row of raw scores (accuracy, or mean squared error for regression) cannot come from a sane
+    model, or None: a score that is not finite, an accuracy outside [0, 1], a negative error, or a
+    normalised regression score 1 - error/error_at_init that is not finite (``init``: row 0's errors)."""
+    row = np.asarray(raw_row, dtype=float)
+    if not np.all(np.isfinite(row)):
+        return f"a score became {row[~np.isfinite(row)][0]}"
+    if loss == "ce" and (row.min() < 0 or row.max() > 1):
+        return f"an accuracy is {row.min() if row.min() < 0 else row.max():g}, outside [0, 1]"
+    if loss != "ce":
+        if row.min() < 0:
+            return f"a mean squared error is {row.min():g} < 0"
+        if init is not None and np.all(init > 0) and not np.all(np.isfinite(1.0 - row / init)):
+            return "a normalised score 1 - error/error_at_init is not finite"
+    return None
+
+
+def weights_problem(tensors: Any) -> str | None:
+    """'a weight is NaN or infinite' if any floating tensor in ``tensors`` holds one, else None (one host
+    sync for all of them)."""
+    bad = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    if bad and not bool(torch.stack(bad).all()):
+        return "a weight became NaN or infinite"
+    return None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -215,14 +247,14 @@ def make_result(raw: np.ndarray, stream: Stream, strategy: Strategy, model: nn.M
                   wall_time_s=wall_time_s, peak_memory_mb=peak_memory_mb(device),
                   parameter_count=count_parameters(model), config=config, seed=seed, versions=versions(),
                   extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
-                         "raw": finite(raw.tolist()), **(extra or {})},
+                         "raw": finite_json(raw.tolist()), **(extra or {})},
                   complete=complete)
 
 
-def diverged(loss: float, task: int, epoch: int, lr: float, partial: Result) -> TrainingDiverged:
-    """The error of a run whose training loss became non-finite (task and epoch 0-based)."""
-    return TrainingDiverged(f"training loss became {loss} on task {task + 1}, epoch {epoch + 1} (lr={lr}); lower "
-                            f"the learning rate with --strategy-arg lr=...", partial)
+def diverged(why: str, task: int, lr: float, partial: Result) -> TrainingDiverged:
+    """The error of a run that diverged on ``task`` (0-based): a non-finite loss or weight, or impossible scores."""
+    return TrainingDiverged(f"the run diverged on task {task + 1}: {why} (lr={lr}); lower the learning rate with "
+                            "--strategy-arg lr=... or check the strategy's arguments", partial)
 
 
 def run(
@@ -237,11 +269,16 @@ def run(
     precision: str = "fp32",
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    on_row: Any = None,
 ) -> Result:
     """Train ``strategy`` on ``stream`` and evaluate every task before and after each task.
 
     ``model`` defaults to the stream's recommended model (``model_name``,
     ``model_args`` override it). Same seed on CPU gives the same R.
+    ``on_row(partial)`` (optional) receives the incomplete Result after each row of R, e.g. to save it,
+    so an interrupted run keeps its finished tasks. A run whose loss, weights or scores leave what a
+    working model can give (NaN, infinity, an accuracy outside [0, 1]) raises TrainingDiverged, whose
+    ``partial`` holds the rows before it.
     """
     from clbench.core.progress import bar as progress_bar
 
@@ -275,7 +312,20 @@ def run(
                        fraction=True)
     bar.set_postfix_str("evaluating before training", refresh=False)
     tick = lambda: bar.update(1)  # noqa: E731
-    raw[0] = evaluate(strategy, tasks, stream.loss, on_task=tick)
+    def fail(why: str, i: int) -> TrainingDiverged:
+        bar.close()
+        return diverged(why, i, settings["lr"], result(complete=False))
+
+    def add_row(i: int) -> None:  # row i of R: after task i (0: before training)
+        row = evaluate(strategy, tasks, stream.loss, on_task=tick)
+        why = score_problem(row, stream.loss, raw[0] if i else None)
+        if why:
+            raise fail(why, max(i - 1, 0))
+        raw[i] = row
+        if on_row is not None:
+            on_row(result(complete=False))
+
+    add_row(0)
     for i, task in enumerate(tasks):
         bar.set_postfix_str(f"training task {i + 1}/{T}", refresh=False)
         strategy.before_task(task)
@@ -305,14 +355,27 @@ def run(
             bar.update(T)
             if not math.isfinite(mean_loss):
                 curves.append(curve)
-                bar.close()
-                raise diverged(mean_loss, i, epoch, settings["lr"], result(complete=False))
+                raise fail(f"the training loss became {mean_loss} in epoch {epoch + 1}", i)
         curves.append(curve)
+        # the loss is checked before each step: the last step's explosion shows in the weights only
+        why = weights_problem(_weights(strategy))
+        if why:
+            raise fail(why, i)
         strategy.after_task(task)
         bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
-        raw[i + 1] = evaluate(strategy, tasks, stream.loss, on_task=tick)
+        add_row(i + 1)
     bar.close()
     return result(complete=True)
+
+
+def _weights(strategy: Strategy) -> list[torch.Tensor]:
+    """The model's parameters and buffers, and whatever else the strategy trains (prompts, keys)."""
+    seen, out = set(), []
+    for t in itertools.chain(strategy.model.parameters(), strategy.model.buffers(), strategy.trainable_parameters()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t.detach())
+    return out
 
 
 def check_inputs(stream: Stream) -> None:

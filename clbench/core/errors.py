@@ -43,3 +43,42 @@ def warn(message: str) -> None:
     import warnings
 
     warnings.warn(message, ClbenchWarning, stacklevel=3)
+
+
+def env_number(name: str, default: float, low: float = 0.0) -> float:
+    """The environment variable ``name`` as a number > ``low`` (``default`` when unset or empty)."""
+    import math
+    import os
+
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > low):
+        raise ClbenchError(f"${name}={raw!r} must be a number > {low:g}; set it to one (e.g. {default:g}) or unset it")
+    return value
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was kept and what was lost (the CLI prints it and exits with status 130)."""
+
+
+def cpu_limit(option: str, value: int, what: str) -> int:
+    """``value`` for a per-core setting (--threads, --jobs): an error below 1, capped with a warning at
+    the number of CPU cores this process may use (more threads than cores only slows torch down, and a
+    huge count crashes it)."""
+    import os
+
+    if value < 1:
+        raise ClbenchError(f"{option} must be at least 1, got {value}")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if value > cores:
+        warn(f"{option} {value} is more than the {cores} CPU cores here; using {cores} {what}")
+        return cores
+    return value

@@ -1,10 +1,18 @@
-"""Files the user names: output paths checked before any work, checksums for provenance."""
+"""Files the user names: output paths checked before any work, atomic writes, checksums for provenance.
+
+Every file clbench writes goes through :func:`atomic_write`: the bytes go to a temporary file beside the
+target, named ``<name>.tmp-<pid>@<host>`` (so it belongs to one process), and are renamed into place, so a
+reader sees the old file or the new one, never half of one. :func:`remove_stale_temporaries` deletes only
+the temporary files of processes of this host that are gone, never another live writer's.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable, Union
 
 from clbench.core.errors import ClbenchError
 
@@ -86,3 +94,81 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+Content = Union[str, bytes, Callable[[BinaryIO], None]]
+TMP_MARK = ".tmp-"
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The temporary file this process writes ``path`` through: ``<name>.tmp-<pid>@<host>`` beside it."""
+    p = Path(path)
+    return p.with_name(f"{p.name}{TMP_MARK}{os.getpid()}@{socket.gethostname()}")
+
+
+def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+    """Write ``content`` (text, bytes, or a function that writes into a binary file) to ``path`` atomically.
+
+    The data goes to :func:`temporary_path`, is flushed to disk, and is renamed over ``path``; on any
+    failure (a full disk, an exception in the writer, Ctrl-C) the temporary file is removed, ``path`` is
+    left as it was, and the exception propagates."""
+    p = Path(path)
+    tmp = temporary_path(p)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_or_rescue(path: str | os.PathLike, content: Content, what: str = "the result") -> Path:
+    """:func:`atomic_write`; if that fails with an OSError (a full disk, a folder gone), write the same
+    content to a new file in the system's temporary folder and raise a ClbenchError naming it, so finished
+    work is never lost to a failed write."""
+    try:
+        return atomic_write(path, content)
+    except OSError as e:
+        suffix = Path(path).suffix or ".out"
+        try:
+            fd, rescue = tempfile.mkstemp(prefix="clbench-rescue-", suffix=suffix)
+            os.close(fd)
+            atomic_write(rescue, content)
+        except OSError as e2:
+            raise ClbenchError(f"could not write {path} ({e.strerror or e}) nor a rescue copy in "
+                               f"{tempfile.gettempdir()} ({e2.strerror or e2}); {what} is lost: free some space "
+                               "and rerun") from None
+        raise ClbenchError(f"could not write {path} ({e.strerror or e}); {what} was saved to {rescue} instead: "
+                           f"move it into place (mv {rescue} {path}) once the problem is fixed") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Delete the temporary files (see :func:`temporary_path`) matching ``pattern`` + the temporary mark in
+    ``folder`` whose writer, a process of this host, is gone; returns them. Files of live processes, of
+    other hosts (a shared folder) and of other shapes are kept."""
+    host, removed = socket.gethostname(), []
+    for tmp in Path(folder).glob(f"{pattern}{TMP_MARK}*"):
+        owner = tmp.name.rsplit(TMP_MARK, 1)[1]
+        pid, _, where = owner.partition("@")
+        if where != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

@@ -8,7 +8,7 @@ usual sub-folders below it): nothing else is used in its stead. Without a root:
 then, only when asked, torchvision's checksummed download. The loaded data
 carries its provenance (``data["source"]``: the folder, and each raw file's
 path, size and SHA-256), which the streams record. Raw files are decoded once
-and cached as a ``.pt`` file beside the cache; shape, dtype and counts are
+and cached as a ``.pt`` file beside the cache, keyed on the raw files' SHA-256; shape, dtype and counts are
 checked. CIFAR's pickle batches are read with an unpickler that builds only
 what real batches hold (dicts, lists, bytes, str, int, numpy arrays) and refuses
 anything else, so a crafted file cannot run code. A missing dataset says where
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from clbench.core.errors import ClbenchError
-from clbench.core.io import check_writable_folder, sha256
+from clbench.core.io import atomic_write, check_writable_folder, sha256
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,12 @@ IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1
 
 
 def cache_dir() -> Path:
-    """``$CLBENCH_DATA`` or ~/.cache/clbench."""
-    return Path(os.environ.get("CLBENCH_DATA") or Path.home() / ".cache" / "clbench")
+    """``$CLBENCH_DATA`` or ~/.cache/clbench (a ClbenchError if it names something that is not a folder)."""
+    folder = Path(os.environ.get("CLBENCH_DATA") or Path.home() / ".cache" / "clbench")
+    if folder.exists() and not folder.is_dir():
+        raise ClbenchError(f"the data folder ($CLBENCH_DATA) {folder} is a file, not a folder; point CLBENCH_DATA "
+                           "at a folder (datasets and their decoded copies are kept there)")
+    return folder
 
 
 def _info(name: str) -> DatasetInfo:
@@ -72,25 +78,37 @@ def _fix(name: str) -> str:
 
 
 # ---- raw formats ---------------------------------------------------------------------------
-def read_idx(path: Path, name: str = "") -> np.ndarray:
-    """Decode one IDX file (optionally gzipped) into a uint8 array, checking its header and length."""
+def read_idx(path: Path, name: str = "", limit: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decode one IDX file (optionally gzipped) into a uint8 array, checking its header and length.
+
+    The header is read first (a gzipped file is decompressed as a stream) and checked against ``limit``,
+    the largest shape the file may declare (e.g. (60000, 28, 28)): same number of dimensions, none larger.
+    Only then is the data read, exactly as many bytes as declared, so a small crafted file cannot make
+    clbench allocate gigabytes."""
+    fix = f"delete it and {_fix(name)}"
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ClbenchError(f"cannot read {path}: {e}; the file is corrupt or truncated: delete it and "
-                           f"{_fix(name)}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ClbenchError(f"{path} is not an unsigned-byte IDX file (bad magic number); delete it and {_fix(name)}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ClbenchError(f"{path} is truncated (header cut short); delete it and {_fix(name)}")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise ClbenchError(f"{path} is not an unsigned-byte IDX file (bad magic number); {fix}")
+            ndim = head[3]
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ClbenchError(f"{path} is truncated (header cut short); {fix}")
+            dims = tuple(int.from_bytes(sizes[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            if limit is not None and (ndim != len(limit) or any(d > m for d, m in zip(dims, limit))):
+                raise ClbenchError(f"{path}: its header declares an array of shape {dims}, but {name or 'this'} "
+                                   f"file holds at most {limit}; the file is corrupt or not the one expected: {fix}")
+            expected = math.prod(dims)
+            raw = f.read(expected)
+            extra = len(f.read(1))
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ClbenchError(f"cannot read {path}: {e}; the file is corrupt or truncated: {fix}") from None
+    if len(raw) != expected or extra:
+        held = f"{len(raw)}" if not extra else f"more than {expected}"
         raise ClbenchError(f"{path} is truncated or corrupt: header says {dims} ({expected} bytes of data) but it "
-                           f"holds {len(raw) - header}; delete it and {_fix(name)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+                           f"holds {held}; {fix}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 class _Refused(Exception):
@@ -213,7 +231,9 @@ def source(name: str, folder: Path, files: dict[str, list[Path]]) -> dict:
 
 def _decode(info: DatasetInfo, files: dict[str, list[Path]]) -> dict[str, torch.Tensor]:
     if info.kind == "idx":
-        arrays = {k: read_idx(v[0], info.name) for k, v in files.items()}
+        n = {"train": info.train, "test": info.test}
+        limits = {k: (n[k.split("_")[0]], 28, 28) if k.endswith("_x") else (n[k.split("_")[0]],) for k in files}
+        arrays = {k: read_idx(v[0], info.name, limits[k]) for k, v in files.items()}
         out = {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
     else:
         out = {}
@@ -266,8 +286,11 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
                                                   if name == "fashion-mnist" else ""))
     folder, files = hit
     used = source(name, folder, files)
-    stamp = hashlib.sha1(repr(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                                     for ps in files.values() for p in ps)).encode()).hexdigest()[:12]
+    # keyed on the raw files' contents (their SHA-256, computed for the provenance anyway), never on size and
+    # time: a file rewritten with the same size and time (cp -p, rsync -t) must not give the old tensors
+    roles = sorted((key, p.resolve().name) for key, ps in files.items() for p in ps)
+    digests = {Path(f["path"]).name: f["sha256"] for f in used["files"]}
+    stamp = hashlib.sha256(repr([(key, digests[n]) for key, n in roles]).encode()).hexdigest()[:16]
     cached = cache_dir() / "decoded" / f"{name}-{stamp}.pt"
     if cached.is_file():
         try:
@@ -277,9 +300,7 @@ def load(name: str, root: str | os.PathLike | None = None, download: bool = Fals
     data = _decode(info, files)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, cached)
+        atomic_write(cached, lambda f: torch.save(data, f))
     except OSError:
         pass  # read-only cache: decode again next time
     return {**data, "source": used}

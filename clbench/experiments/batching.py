@@ -10,15 +10,9 @@ import torch
 
 from clbench.batched import Member, batchable, run_batched
 from clbench.batched.group import DEFAULT_MEMORY_MB
-from clbench.core.errors import ClbenchError
+from clbench.core.errors import ClbenchError, env_number
 from clbench.core.types import Stream
-from clbench.experiments.cells import (
-    cell_record,
-    cell_stream,
-    cell_stream_key,
-    exit_with_parent,
-    run_cell,
-)
+from clbench.experiments.cells import cell_record, cell_stream, cell_stream_key, process_pool, run_cell
 
 TRAINING_KEYS = ("epochs", "lr", "batch_size", "optimizer")
 
@@ -47,15 +41,22 @@ def _group_key(cell: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
+AUTO_CHUNKS, AUTO_MIN_BATCH = 4, 16  # auto: a large group runs in >= 4 batches of >= 16 members
+
+
 def plan(cells: list[dict[str, Any]], batch: str | int, jobs: int = 1) -> list[list[dict[str, Any]]]:
     """Cells in batches: compatible cells together, ``batch`` at most (auto: enough batches to keep ``jobs``
-    workers busy). Memory limits are applied when a batch runs (see run_batched)."""
+    workers busy, and a group of more than AUTO_MIN_BATCH cells in at least AUTO_CHUNKS batches of at least
+    AUTO_MIN_BATCH, so that an interrupted sweep, which stores each batch's records when it ends, loses at
+    most the batches in flight). Memory limits are applied when a batch runs (see run_batched)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for cell in cells:
         groups.setdefault(_group_key(cell), []).append(cell)
     out = []
     for group in groups.values():
-        size = batch if isinstance(batch, int) else max(1, math.ceil(len(group) / max(jobs, 1)))
+        n = len(group)
+        size = batch if isinstance(batch, int) else max(1, min(math.ceil(n / max(jobs, 1)),
+                                                               max(math.ceil(n / AUTO_CHUNKS), AUTO_MIN_BATCH)))
         out += [group[k:k + size] for k in range(0, len(group), size)]
     return out
 
@@ -100,7 +101,7 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
         try:
             results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
                                   device=device, memory_mb=memory_mb)
-        except Exception:  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
+        except (Exception, SystemExit):  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
             single += [c for c, _ in group]
             continue
         for (cell, _), result in zip(group, results):
@@ -121,18 +122,18 @@ def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, 
                    threads: int | None = None) -> Iterator[tuple]:
     """What run_sweep stores: (cell, record, error) per cell, batches run in ``jobs`` processes (which exit
     when the sweep process dies)."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     from clbench.core.registry import LOADED_PLUGINS
 
     batches = plan(todo, batch, jobs)
-    budget = float(os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) / jobs
+    budget = env_number("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB) / jobs
     if jobs == 1:
         for cells in batches:
             yield from iter_cells(cells, device, threads, commit=commit, memory_mb=budget)
         return
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with process_pool(jobs) as pool:  # Ctrl-C cancels the queue and stops the workers at once
         futures = {pool.submit(run_cells, cells, device, threads, commit, tuple(LOADED_PLUGINS), budget): cells
                    for cells in batches}
         for future in as_completed(futures):

@@ -1,7 +1,8 @@
-"""One sweep cell: its id, its stream (cached when synthetic), its run and its record; and the worker-process
-set-up shared by every executor."""
+"""One sweep cell: its id, its stream (cached when synthetic), its run and its record; and the worker processes
+every executor starts (which end with the sweep process, and stop at once on Ctrl-C)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,9 +10,10 @@ import socket
 import subprocess
 import sys
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from clbench.core.progress import quiet
 
@@ -98,23 +100,30 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
         load_plugin(plugin)
     if threads:
         torch.set_num_threads(threads)
-    with quiet():  # the sweep's own bar reports progress
-        stream = cell_stream(cell)
-        strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
-        result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
-                             device=device, seed=cell["seed"], progress=False, config={"cell": cell})
+    try:
+        with quiet():  # the sweep's own bar reports progress
+            stream = cell_stream(cell)
+            strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
+            result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
+                                 device=device, seed=cell["seed"], progress=False, config={"cell": cell})
+    except SystemExit as e:  # a plugin's sys.exit() fails its cell; it does not end the sweep
+        raise RuntimeError(f"the run called sys.exit({e.code!r}) (a plugin's strategy, stream or model); a "
+                           "strategy should raise an exception instead") from None
     return cell_record(result, cell, commit, executor)
 
 
 def exit_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when the sweep process that started it dies (even by SIGKILL).
+    """Worker initializer: end this worker when the sweep process that started it dies (even by SIGKILL),
+    and leave Ctrl-C to the sweep process (which stops the workers, see :func:`process_pool`).
 
     On Linux the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG); everywhere, a daemon
     thread also checks once a second that the parent is still this process's parent, and exits if not.
     """
+    import signal
     import threading
     import time
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole process group
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -145,3 +154,22 @@ def exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="clbench-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def process_pool(jobs: int) -> Iterator[ProcessPoolExecutor]:
+    """``jobs`` worker processes that end with this process; on Ctrl-C (or any exception, or a consumer
+    that stops early) the queued work is cancelled and the workers are terminated at once, instead of
+    working through the queue while the results are thrown away."""
+    pool = ProcessPoolExecutor(jobs, initializer=exit_with_parent, initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException:
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # the executor offers no public kill
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(5)
+        raise
+    pool.shutdown(wait=True)

@@ -1,8 +1,9 @@
 """Results store: one JSON record per finished run, written atomically, read back for resuming.
 
-A record is written to a temporary file and renamed into place, so a killed
-sweep leaves either a complete record or none (stray ``*.tmp*`` files are
-ignored and cleaned). The file name is the run's stable id. A record that does
+A record is written to a temporary file and renamed into place
+(``clbench.core.io.atomic_write``), so a killed sweep leaves either a complete
+record or none; a temporary file belongs to its process (pid in its name) and
+is cleaned only once that process is gone, never under another live sweep. The file name is the run's stable id. A record that does
 not parse, or lacks what every record holds, is corrupt: a sweep reports it and
 runs its cell again; a leaderboard refuses it, naming the file.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write, remove_stale_temporaries, unwritable
 
 #: What every record holds (see ``clbench.experiments.sweep.run_cell``).
 RECORD_KEYS = ("id", "cell", "R", "metrics", "config", "versions", "wall_time_s", "peak_memory_mb", "parameter_count")
@@ -59,17 +61,14 @@ class Store:
         except OSError as e:
             raise ClbenchError(f"cannot create the store folder {self.root} ({e.strerror or e}); pick a writable "
                                "path for --store") from None
-        from clbench.core.io import unwritable
-
         problem = unwritable(self.root)
         if problem:
             raise ClbenchError(f"cannot write in the store folder {self.root} ({problem}); pick a writable path "
                                "for --store")
 
     def remove_partial(self) -> None:
-        """Delete temporary files a killed writer left behind (call when no writer is running)."""
-        for stale in self.root.glob("*.json.tmp*"):
-            stale.unlink(missing_ok=True)
+        """Delete temporary files that writers which are gone left behind (a live sweep's are kept)."""
+        remove_stale_temporaries(self.root, "*.json")
 
     def path(self, run_id: str) -> Path:
         """The record file of ``run_id``, which must lie inside the store (see clbench.core.io.inside)."""
@@ -108,12 +107,9 @@ class Store:
 
     def write(self, run_id: str, record: dict[str, Any]) -> None:
         """Write atomically: a temporary file, then a rename."""
-        from clbench.core.engine import finite
+        from clbench.core.engine import finite_json
 
-        tmp = self.path(run_id).with_name(f"{run_id}.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(finite(record), f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path(run_id))
+        atomic_write(self.path(run_id), json.dumps(finite_json(record), indent=1, sort_keys=True))
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record, in id order; a corrupt one is a ClbenchError naming the file."""

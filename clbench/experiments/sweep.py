@@ -25,19 +25,21 @@ and seeds that are not a non-empty list of integers.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import time
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
 import tomllib
 
-from clbench.core.errors import ClbenchError, unknown_key, warn
+from clbench.core.errors import ClbenchError, Interrupted, cpu_limit, unknown_key, warn
 from clbench.core.registry import LOADED_PLUGINS
-from clbench.experiments.batching import parse_batch, sweep_outcomes
+from clbench.experiments.batching import parse_batch, plan, sweep_outcomes
 from clbench.experiments.cells import (  # noqa: F401
     SYNTHETIC_CACHE_MB,
     cell_id,
@@ -47,6 +49,7 @@ from clbench.experiments.cells import (  # noqa: F401
     cell_stream_key,
     exit_with_parent,
     git_commit,
+    process_pool,
     run_cell,
 )
 from clbench.experiments.store import Store
@@ -153,7 +156,7 @@ def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs
                threads: int | None) -> Iterator[Outcome]:
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     plugins = tuple(LOADED_PLUGINS)
-    with ProcessPoolExecutor(jobs, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with process_pool(jobs) as pool:
         futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}
         for future in as_completed(futures):
             error = future.exception()
@@ -196,17 +199,27 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
         threads = threads or max(1, int(cpus_per_run))
         plugins = tuple(LOADED_PLUGINS)
         pending = {remote.remote(c, device, threads, commit, "ray", plugins): c for c in todo}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(done[0])
-            try:
-                yield cell, ray.get(done[0]), None
-            except ray.exceptions.RayTaskError as e:
-                yield cell, None, e.cause if isinstance(e.cause, BaseException) else e
-            except ray.exceptions.RayError as e:  # a worker or node died
-                yield cell, None, e
+        try:
+            yield from _ray_outcomes(ray, pending)
+        except BaseException:  # Ctrl-C: cancel what is queued or running, keep what was stored
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
     finally:
         ray.shutdown()
+
+
+def _ray_outcomes(ray: Any, pending: dict) -> Iterator[Outcome]:
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(done[0])
+        try:
+            yield cell, ray.get(done[0]), None
+        except ray.exceptions.RayTaskError as e:
+            yield cell, None, e.cause if isinstance(e.cause, BaseException) else e
+        except ray.exceptions.RayError as e:  # a worker or node died
+            yield cell, None, e
 
 
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
@@ -221,18 +234,23 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     ``threads``: torch threads per run (default: this process's for one job, cores / jobs for several,
     ``cpus_per_run`` on Ray). Same seed and same thread count give the same R bit for bit on CPU.
     ``batch`` (processes only): ``"auto"`` trains compatible cells together as one batched model
-    (clbench.batched), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the same.
-    """
-    from tqdm.auto import tqdm
+    (clbench.experiments.batching), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the
+    same.
 
+    Ctrl-C stops the sweep within seconds (queued runs cancelled, workers terminated) and raises
+    clbench.core.errors.Interrupted saying how many records were stored and what was lost: the runs in
+    flight only (a batch stores its members' records when it ends; large groups run in several batches).
+    A record that cannot be written to the store (a full disk) is written to a rescue folder instead
+    and the sweep goes on; the ClbenchError at the end names that folder.
+    """
     from clbench.core.registry import check_arguments, lookup
 
     if executor not in ("processes", "ray"):
         raise ClbenchError(f"unknown executor {executor!r}; use 'processes' (this machine) or 'ray'")
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
-    if threads is not None and threads < 1:
-        raise ClbenchError(f"--threads must be at least 1, got {threads}")
+    if threads is not None:
+        threads = cpu_limit("--threads", threads, "threads")
     batch = parse_batch(batch)
     for cell in cells:  # fail fast on bad names and arguments, before any run
         check_arguments("stream", cell["stream"], lookup("stream", cell["stream"]), cell["stream_args"])
@@ -245,29 +263,91 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
             warn(f"corrupt record {path} ({problem}); running its cell again")
     todo = [c for c in cells if cell_id(c) not in done]
     skipped = len(cells) - len(todo)
-    commit = git_commit()
     if not todo:
         return 0, skipped
-    if executor == "ray":
-        outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads)
-    elif batch != "off":
-        outcomes = sweep_outcomes(todo, device, commit, jobs, batch, threads)
-    elif jobs > 1:
-        outcomes = _processes(todo, device, commit, jobs, threads)
-    else:
-        outcomes = _serial(todo, device, commit, threads)
-    failures: list[str] = []
-    with tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep") as bar:
-        for cell, record, error in outcomes:
-            if error is None:
-                store.write(record["id"], record)
-            else:
-                failures.append(f"{cell_id(cell)}: {type(error).__name__}: {error}")
-            bar.update(1)
+    if executor == "processes" and jobs > 1:
+        jobs = cpu_limit("--jobs", jobs, "processes")
+        if jobs > len(todo):
+            warn(f"--jobs {jobs} is more than the {len(todo)} runs to do; using {len(todo)} processes")
+            jobs = len(todo)
+    failures = _store_outcomes(todo, store, device, jobs, progress, executor, address, cpus_per_run,
+                               gpus_per_run, threads, batch)
     if failures:
         raise ClbenchError(f"{len(failures)} of {len(todo)} runs failed (the {len(todo) - len(failures)} others are "
                            f"stored; rerun to retry only the failed ones): " + " | ".join(failures[:5]))
     return len(todo), skipped
+
+
+def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs: int, progress: bool,
+                    executor: str, address: str | None, cpus_per_run: float, gpus_per_run: float | None,
+                    threads: int | None, batch: str | int) -> list[str]:
+    """Run ``todo`` and store each record as it comes; returns the failures. See run_sweep."""
+    from tqdm.auto import tqdm
+
+
+    commit = git_commit()
+    if executor == "ray":
+        outcomes, in_flight = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads), None
+    elif batch != "off":
+        outcomes = sweep_outcomes(todo, device, commit, jobs, batch, threads)
+        in_flight = jobs * max(len(b) for b in plan(todo, batch, jobs))
+    elif jobs > 1:
+        outcomes, in_flight = _processes(todo, device, commit, jobs, threads), jobs
+    else:
+        outcomes, in_flight = _serial(todo, device, commit, threads), 1
+    failures: list[str] = []
+    stored, rescue, rescued, lost = 0, None, [], []
+    last = time.monotonic()
+    try:
+        with tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep") as bar:
+            for cell, record, error in outcomes:
+                if error is not None:
+                    failures.append(f"{cell_id(cell)}: {type(error).__name__}: {error}")
+                else:
+                    try:
+                        store.write(record["id"], record)
+                        stored += 1
+                    except OSError as e:  # a full disk: keep the record elsewhere, go on
+                        rescue = rescue or _rescue_store(store, e)
+                        try:
+                            rescue[0].write(record["id"], record)
+                            rescued.append(record["id"])
+                        except (OSError, ClbenchError):
+                            lost.append(record["id"])
+                            break  # nowhere to write: stop computing what would be lost
+                    last = time.monotonic()
+                bar.update(1)
+    except KeyboardInterrupt:
+        done = stored + len(rescued) + len(failures)
+        flight = (f"the runs in flight (at most {min(in_flight, len(todo) - done)}, {time.monotonic() - last:.0f} s "
+                  "of work since the last record) were lost" if in_flight else "the runs in flight were lost")
+        raise Interrupted(f"stored {stored} of the {len(todo)} runs to do in {store.root}"
+                          + (f" (and {len(rescued)} in {rescue[0].root})" if rescued else "")
+                          + f"; {flight}, {max(len(todo) - done - in_flight, 0) if in_flight else 'the rest'} "
+                          "not started; rerun the same command to run only the missing ones") from None
+    finally:
+        outcomes.close()  # stops the workers when the loop ended early
+    if rescued or lost:
+        moved = (f"{len(rescued)} finished records were written to {rescue[0].root} instead: move them into the "
+                 f"store once there is space (mv {rescue[0].root}/*.json {store.root}/)" if rescued else "")
+        gone = (f"{len(lost)} could not be written anywhere and the sweep stopped" if lost else "")
+        raise ClbenchError(f"could not write records into the store {store.root} ({rescue[1]}); "
+                           + "; ".join(x for x in (moved, gone) if x)
+                           + f"; {stored} were stored; rerun the sweep to run only what is missing")
+    return failures
+
+
+def _rescue_store(store: Store, error: OSError) -> tuple[Store, str]:
+    """A fresh folder in the system's temporary folder for the records the store cannot take, and why."""
+    import tempfile
+
+    why = error.strerror or str(error)
+    try:
+        root = tempfile.mkdtemp(prefix=f"clbench-rescue-{store.root.name}-")
+        return Store(root), why
+    except (OSError, ClbenchError) as e:
+        raise ClbenchError(f"could not write a record into the store {store.root} ({why}) nor make a rescue folder "
+                           f"in {tempfile.gettempdir()} ({e}); free some space and rerun the sweep") from None
 
 
 def inline_spec(streams: list[str], stream_args: dict[str, Any], strategies: list[str],

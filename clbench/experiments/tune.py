@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write
 from clbench.experiments import trials
 from clbench.experiments.suite import Suite, cells, check_space, protocol, tuning_split
 
@@ -233,8 +234,6 @@ def _write(store_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any
     from clbench.core.io import inside
 
     path = inside(store_dir / "tuning", f"{name}.json")
-    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(summary, indent=1, sort_keys=True, default=str))
     summary["path"] = str(path)
     return summary

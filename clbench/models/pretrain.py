@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import write_or_rescue
 
 BASE_MODEL = "vit_tiny_patch16_224"  # timm's ViT-Ti; its size arguments are overridden below
 
@@ -134,6 +135,8 @@ def pretrain(
     """Train a tiny ViT classifier on ``dataset`` and save it to ``output``; returns the saved metadata."""
     import timm
 
+    check_settings(samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
+                   embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     torch.manual_seed(seed)
     x, y, info = _dataset(dataset, dict(dataset_args or {}), classes, samples, seed)
     if x.ndim != 4 or x.shape[-1] != x.shape[-2] or x.shape[-1] % patch_size:
@@ -141,7 +144,11 @@ def pretrain(
                            f"got inputs of shape {tuple(x.shape[1:])}")
     args = dict(img_size=x.shape[-1], patch_size=patch_size, in_chans=x.shape[1], embed_dim=embed_dim, depth=depth,
                 num_heads=num_heads)
-    model = timm.create_model(BASE_MODEL, pretrained=False, num_classes=len(info["classes"]), **args).to(device)
+    try:
+        model = timm.create_model(BASE_MODEL, pretrained=False, num_classes=len(info["classes"]), **args).to(device)
+    except Exception as e:  # noqa: BLE001 - timm's assertions on sizes; the user needs one line
+        raise ClbenchError(f"cannot build the ViT to pretrain ({type(e).__name__}: {e}); check --patch-size, "
+                           "--embed-dim, --depth and --heads") from None
     held = torch.randperm(len(y))[: max(1, len(y) // 10)]
     train = torch.ones(len(y), dtype=torch.bool)
     train[held] = False
@@ -160,6 +167,9 @@ def pretrain(
             sched.step()
             total += loss.item() * len(idx)
         log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(yt):.4f}")
+        if not math.isfinite(total) or any(not torch.isfinite(p).all() for p in model.parameters()):
+            raise ClbenchError(f"pretraining diverged in epoch {epoch + 1} (training loss {total / len(yt):.4g}, or a "
+                               f"weight became NaN or infinite) with lr={lr:g}; lower --lr. No checkpoint was written")
     model.eval()
     with torch.inference_mode():
         acc = (model(x[held].to(device)).argmax(1) == y[held].to(device)).float().mean().item()
@@ -167,10 +177,22 @@ def pretrain(
     meta = {"backbone": BASE_MODEL, "backbone_args": args, **info, "epochs": epochs, "lr": lr, "seed": seed,
             "heldout_accuracy": acc, "input": "the dataset's model inputs (synthetic digits: pixels / 255)"}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output}.tmp"
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "clbench": meta}, tmp)
-    Path(tmp).replace(output)
+    checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "clbench": meta}
+    write_or_rescue(output, lambda f: torch.save(checkpoint, f), "the checkpoint")
     return meta
+
+
+def check_settings(**settings: float) -> None:
+    """One ClbenchError naming the first pretraining setting out of range (as the CLI spells it)."""
+    option = lambda k: "--" + {"num_heads": "heads"}.get(k, k).replace("_", "-")  # noqa: E731
+    for k in ("samples", "epochs", "batch_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if int(settings[k]) != settings[k] or settings[k] < (10 if k == "samples" else 1):
+            raise ClbenchError(f"{option(k)} must be an integer >= {10 if k == 'samples' else 1}, got {settings[k]}")
+    if not (math.isfinite(settings["lr"]) and settings["lr"] > 0):
+        raise ClbenchError(f"--lr must be a finite number > 0, got {settings['lr']}")
+    if settings["embed_dim"] % settings["num_heads"]:
+        raise ClbenchError(f"--embed-dim {settings['embed_dim']} must be a multiple of --heads {settings['num_heads']} "
+                           "(each head gets embed_dim / heads dimensions)")
 
 
 def checkpoint_metadata(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from clbench.core import metrics
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write
 from clbench.experiments.store import Store
 
 METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention"]
@@ -49,7 +50,7 @@ def runs_table(store: Store) -> pd.DataFrame:
             "stream": cell["stream"], "stream_args": _canonical(cell["stream_args"]),
             "strategy": cell["strategy"], "strategy_args": _canonical(cell["strategy_args"]),
             "model": cell.get("model") or "default", "model_args": _canonical(cell.get("model_args") or {}),
-            "seed": cell["seed"],
+            "seed": cell["seed"], "diverged": _diverged(r),
             **{m: (r["metrics"].get(m) if r["metrics"].get(m) is not None else np.nan) for m in METRICS},
             "wall_time_s": r["wall_time_s"], "peak_memory_mb": r["peak_memory_mb"],
             "parameter_count": r["parameter_count"], "clbench_version": r["versions"]["clbench"],
@@ -64,6 +65,13 @@ def runs_table(store: Store) -> pd.DataFrame:
         raise ClbenchError(f"{store.root} mixes records of different suite protocols: {', '.join(found)}; a leaderboard "
                            "compares one protocol only: keep each suite version's records in its own store")
     return table
+
+
+def _diverged(record: dict[str, Any]) -> bool:
+    """A record of a run that did not finish sanely: marked incomplete, or its final score is missing or not
+    finite (stores written before clbench checked weights and scores keep such runs as records)."""
+    acc = record["metrics"].get("acc")
+    return record.get("complete") is False or not isinstance(acc, (int, float)) or not math.isfinite(acc)
 
 
 def _suite_columns(cell: dict[str, Any]) -> dict[str, Any]:
@@ -83,13 +91,15 @@ def build(store: Store) -> pd.DataFrame:
     if runs.empty:
         return runs
     rows = []
-    for key, group in runs.groupby(KEYS, sort=True):
+    for key, everything in runs.groupby(KEYS, sort=True):
         row = dict(zip(KEYS, key))
+        group = everything[~everything["diverged"]]  # every mean over the same seeds: those that ran sanely
         for m in METRICS + COSTS:
             row[f"{m}_mean"] = float(group[m].mean()) if group[m].notna().any() else np.nan
             row[f"{m}_ci95"] = ci95(group[m])
-        row["parameter_count"] = int(group["parameter_count"].max())
+        row["parameter_count"] = int(everything["parameter_count"].max())
         row["n_seeds"] = int(group["seed"].nunique())
+        row["diverged_seeds"] = int(everything.loc[everything["diverged"], "seed"].nunique())
         for col in ("clbench_version", "git_commit", "device", "dataset"):
             row[col] = ";".join(sorted(set(group[col].astype(str))))
         for col in SUITE_COLUMNS:
@@ -99,11 +109,11 @@ def build(store: Store) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     two_task = table[["transfer_mean", "retention_mean"]].notna().any()
     drop = [c for m in ("transfer", "retention") if not two_task[f"{m}_mean"] for c in (f"{m}_mean", f"{m}_ci95")]
+    if not table["diverged_seeds"].any():
+        drop.append("diverged_seeds")  # the column flags rows with diverged seeds, so it is there only then
     return table.drop(columns=drop)
 
 
 def write(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write the CSV with fixed float formatting, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    table.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-    os.replace(tmp, path)
+    atomic_write(path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))

@@ -55,8 +55,10 @@ def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool | Non
     rows = []
     for (strategy, args), group in runs.groupby(["strategy", "strategy_args"], sort=False):
         seeds = per_seed.loc[(strategy, args)]
-        row = {"strategy": strategy, "strategy_args": args, f"{metric}_mean": float(seeds.mean()),
-               f"{metric}_ci95": ci95(seeds), "n_seeds": int(seeds.size), "stream_configs": group["stream_args"].nunique()}
+        averaged = seeds.dropna()  # a seed without the metric (a diverged run) is not averaged, nor counted
+        row = {"strategy": strategy, "strategy_args": args, f"{metric}_mean": float(averaged.mean()),
+               f"{metric}_ci95": ci95(averaged), "n_seeds": int(averaged.size),
+               "diverged_seeds": int(seeds.size - averaged.size), "stream_configs": group["stream_args"].nunique()}
         for m in ("forgetting_last", "forgetting", "bwt"):
             if m in group and m != metric and group[m].notna().any():
                 row[f"{m}_mean"] = float(group.groupby("seed")[m].mean().mean())
@@ -87,7 +89,8 @@ def format_table(table: pd.DataFrame, metric: str = "acc", highlight: str | None
             label = label[:39] + "..."
         val = getattr(r, "validation_score", "")
         lines.append(f"{mark}{r.rank:>4}  {label:<42} {getattr(r, f'{metric}_mean'):>8.4f} ± "
-                     f"{getattr(r, f'{metric}_ci95'):<7.4f} {r.n_seeds:>5}  {val:>6}  {getattr(r, 'tuning_trials', '')}")
+                     f"{getattr(r, f'{metric}_ci95'):<7.4f} {r.n_seeds:>5}  {val:>6}  {getattr(r, 'tuning_trials', '')}"
+                     + (f"  ! {r.diverged_seeds} seed(s) diverged, not averaged" if getattr(r, "diverged_seeds", 0) else ""))
     lines.append("* = not distinguishable from the best at 95% (paired t-test over seeds); > = the new strategy")
     return "\n".join(lines)
 

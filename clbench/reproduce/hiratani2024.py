@@ -26,7 +26,10 @@ import numpy as np
 import torch
 
 from clbench.core.errors import ClbenchError
+from clbench.core.io import atomic_write, check_writable_folder
 from clbench.streams.teacher_student import theory
+
+REPORT_MARK = "<!-- written by `clbench reproduce`; rerunning it replaces this file -->"
 
 NS, NX, NY, ETA = 30, 3000, 10, 1e-3
 SIZES: dict[str, dict[str, Any]] = {
@@ -594,7 +597,7 @@ def report(results: dict, out: Path, files: dict[str, str]) -> str:
           "- Permuted (Fashion-)MNIST: one seed, a subset and far fewer epochs (see its section); only the "
           "vanilla part of Figure 6 (the gating and layer-wise-Fisher variants of pm/*.py are not rerun)."]
     text = "\n".join(L) + "\n"
-    (out / "README.md").write_text(text)
+    atomic_write(out / "README.md", f"{REPORT_MARK}\n{text}")
     return text
 
 
@@ -602,16 +605,13 @@ def reproduce(output: str | os.PathLike, quick: bool = False, progress: Callable
     """Run the experiments at the quick or full size and write ``output``/README.md, results.json and the figures."""
     import json
 
-    out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ClbenchError(f"cannot write the report to {str(out)!r} ({e.strerror}); pass a writable --output DIR") from None
+    out = check_writable_folder(output, "the report folder (--output)")
+    readme = out / "README.md"
+    if readme.exists() and not (out / "results.json").is_file() and REPORT_MARK not in readme.read_text(errors="replace"):
+        raise ClbenchError(f"{readme} exists and is not a report written by `clbench reproduce`; refusing to "
+                           "overwrite it: pass an empty or new --output DIR")
     results = run_experiments("quick" if quick else "full", progress)
     files = _figures(results, out)
+    atomic_write(out / "results.json", json.dumps(results, indent=1, default=float))
     report(results, out, files)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     return out / "README.md"
