@@ -57,7 +57,7 @@ def _ts(**kw):
 
 
 def test_an_explosion_on_the_last_step_makes_the_run_diverged_not_complete(tmp_path, capsys):
-    from clbench.cli.main import main
+    from clbench.cli.commands import main
 
     out = tmp_path / "r.json"
     code = main(["run", "--stream", "teacher-student", "--strategy", "finetune", "--strategy-arg", "lr=1e9",
@@ -92,7 +92,7 @@ def test_non_finite_weights_after_the_last_step_are_caught():
 
 
 def test_batched_members_diverge_independently():
-    from clbench.batched.run import Member, run_batched
+    from clbench.batched import Member, run_batched
 
     members = [Member(_ts(seed=s), clbench.make_strategy("finetune", lr=lr, epochs=2), s)
                for s, lr in ((0, 1e9), (1, 0.05), (2, 1e9))]
@@ -249,7 +249,7 @@ def test_a_full_disk_mid_sweep_rescues_the_finished_records(tmp_path):
 def test_the_demo_output_is_atomic_and_rescued(tmp_path, monkeypatch, capsys):
     import errno
 
-    from clbench.cli import main as cli_main
+    from clbench.cli import commands as cli_main
     from clbench.core import io
 
     monkeypatch.setattr(cli_main, "DEMO_GRID", (0.5,))
@@ -272,7 +272,7 @@ def test_the_demo_output_is_atomic_and_rescued(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_or_a_plugin_error_in_a_run_keeps_the_finished_rows(tmp_path, capsys):
-    from clbench.cli.main import main
+    from clbench.cli.commands import main
 
     plugin = tmp_path / "stops.py"
     plugin.write_text(
@@ -293,7 +293,7 @@ def test_ctrl_c_or_a_plugin_error_in_a_run_keeps_the_finished_rows(tmp_path, cap
 
 
 def test_reproduce_refuses_to_overwrite_a_readme_it_did_not_write(tmp_path, capsys):
-    from clbench.cli.main import main
+    from clbench.cli.commands import main
 
     (tmp_path / "README.md").write_text("# my project\n")
     assert main(["reproduce", "hiratani2024", "--quick", "--output", str(tmp_path)]) == 2
@@ -384,7 +384,7 @@ BAD = {
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_is_one_line_error(name, tmp_path, monkeypatch, capsys):
-    from clbench.cli.main import main
+    from clbench.cli.commands import main
 
     argv, message = BAD[name]
     monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))

@@ -15,7 +15,7 @@ import torch
 
 import clbench
 from clbench import ClbenchError
-from clbench.cli import main as cli
+from clbench.cli import commands as cli
 from clbench.core import metrics
 from clbench.core.io import inside
 from clbench.experiments import benchmark, trials, tune

@@ -88,7 +88,6 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
-_finite = finite_json  # the name clbench.batched.run imports
 
 
 def score_problem(raw_row: np.ndarray, loss: str, init: np.ndarray | None = None) -> str | None:
