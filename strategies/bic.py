@@ -113,7 +113,7 @@ class BiC(Strategy):
         self.val = None
         if len(self.memory):
             mx, mu, _ = self.memory.data()
-            per_class = max(1, round(self.val_share * self.memory.capacity / len(self.seen_units)))
+            per_class = max(1, round(self.val_share * (self.memory.capacity // len(self.seen_units))))
             val_old, val_new = self._hold_out(mu, per_class), self._hold_out(u, per_class)
             self.val = torch.cat([mx[val_old], x[val_new]]), torch.cat([mu[val_old], u[val_new]])
             x, u = torch.cat([x[~val_new], mx[~val_old]]), torch.cat([u[~val_new], mu[~val_old]])

@@ -15,7 +15,10 @@ a batch's summed gradient is smaller wherever the samples' gradients disagree in
 output before the softmax (the task's head on task-incremental streams). ``form="accumulated"`` (default) is
 the paper's: one penalty at the latest weights with the summed importance (the authors' code adds the new
 Omega to the old); ``form="per-task"`` keeps one penalty per task at that task's weights, as EWC does.
-Defaults: lambda = 1 (the paper's object-recognition experiments), Omega over all of a task's training inputs.
+``decay`` < 1 (accumulated form only) weighs older importance down, Omega <- decay * Omega + Omega_t (1: the
+paper's sum). Defaults: lambda = 1 (the paper's object-recognition experiments), Omega over all of a task's
+training inputs. The EWC arguments ``clbench list`` shows beside these (fisher_samples, fisher,
+anchor_initial, gamma) are refused.
 The penalty maths (forms, anchors, the quadratic form) is EWC's, reused: only the importance differs.
 """
 from __future__ import annotations
@@ -129,13 +132,20 @@ class MAS(EWCDiag):
     search_space = {"strength": ("log", 1e-2, 1e3)}
 
     def __init__(self, strength: float = 1.0, samples: int | None = None, form: str = "accumulated",
-                 **train) -> None:
+                 decay: float = 1.0, **train) -> None:
+        ewc_only = sorted(set(train) & {"fisher_samples", "fisher", "anchor_initial", "gamma"})
+        if ewc_only:
+            raise ClbenchError(f"mas: {', '.join(ewc_only)} belong to EWC's Fisher, which MAS does not use; MAS's "
+                               "importance needs no labels: set how many inputs it averages over with samples=N")
         if form not in MAS_FORMS:
             raise ClbenchError(f"mas: form must be accumulated (Aljundi et al. 2018) or per-task, got {form!r}")
+        if form == "per-task" and float(decay) != 1.0:
+            raise ClbenchError(f"mas: decay={decay} applies to form=accumulated only; drop decay or set "
+                               "form=accumulated")
         if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
             raise ClbenchError(f"mas: samples must be a positive whole number (or left out for all of a task's "
                                f"training inputs), e.g. samples=1000; got {samples!r}")
-        super().__init__(strength, form="online" if form == "accumulated" else "per-task", **train)
+        super().__init__(strength, form="online" if form == "accumulated" else "per-task", decay=decay, **train)
         self.mas_form, self.samples = form, samples
 
     def task_fisher(self, task: Task) -> torch.Tensor:
