@@ -35,7 +35,7 @@ from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
 from clbench.core.types import Stream, Task
-from clbench.models.networks import penultimate
+from clbench.models.features import penultimate
 
 
 @torch.no_grad()

@@ -63,26 +63,6 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def output_layer(model: nn.Module) -> nn.Linear:
-    """The model's classifier: its last ``nn.Linear`` (every built-in model ends with one)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not layers:
-        raise ClbenchError(f"{type(model).__name__} has no nn.Linear output layer, so it has no penultimate "
-                           "features; use a model that ends with a Linear layer (mlp, resnet18-reduced, vit-tiny)")
-    return layers[-1]
-
-
-def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The features the output layer reads for inputs ``x`` (for an MLP: the last hidden layer's activations)."""
-    kept: list[torch.Tensor] = []
-    handle = output_layer(model).register_forward_hook(lambda m, args, out: kept.append(args[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    return kept[-1].flatten(1)
-
-
 def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, **args: Any) -> nn.Module:
     """Build a registered model, checking its arguments."""
     builder = lookup("model", name)
@@ -96,4 +76,4 @@ def count_parameters(model: nn.Module) -> int:
 
 from clbench.models import vision as vision_models# noqa: E402,F401  (registers resnet18-reduced, vit-tiny)
 
-__all__ = ["build_model", "count_parameters", "linear", "mlp", "output_layer", "penultimate"]
+__all__ = ["build_model", "count_parameters", "linear", "mlp"]
