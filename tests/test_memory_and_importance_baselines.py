@@ -187,6 +187,32 @@ def test_bic_holds_out_a_balanced_validation_share_and_fits_the_new_classes_bias
     assert len(strategy.train_set.train_x) == len(stream[1].train_x) - 10 + 30
 
 
+def test_bic_loss_weighs_distillation_by_the_share_of_old_classes(mnist_root):
+    """lambda L_d + (1 - lambda) L_c with lambda = n / (n + m), L_d the soft cross-entropy at T over old classes
+    (targets from the old model with its correction), L_c the cross-entropy over all classes seen."""
+    from clbench.strategies.bic import correct
+
+    stream = split(mnist_root)
+    torch.manual_seed(0)
+    bic = make_strategy("bic", memory_size=40, temperature=3.0)
+    bic.setup(build_model("mlp", (1, 28, 28), 10, **SMALL), stream)
+    for task in stream.tasks[:2]:
+        bic.before_task(task)
+        bic.after_task(task)
+    bic.old_bias = (torch.tensor([2, 3]), 1.5, -0.5)  # as if fitted after task 2
+    bic.before_task(stream[2])
+    with torch.no_grad():
+        for p in bic.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = stream[2].inputs(stream[2].train_x[:16]), stream[2].train_y[:16]
+    old = correct(bic.old(x), bic.old_bias)[:, :4]
+    new = bic.model(x)
+    soft = -(torch.softmax(old / 3, 1) * torch.log_softmax(new[:, :4] / 3, 1)).sum(1).mean()
+    hard = torch.nn.functional.cross_entropy(new[:, :6], y)
+    expected = 4 / 6 * soft + 2 / 6 * hard
+    assert float(bic.training_loss(x, y, stream[2]).detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
 # --- GDumb --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
 def test_gdumb_memory_stays_class_balanced_after_every_insertion(seed):
