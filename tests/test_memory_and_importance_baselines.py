@@ -154,7 +154,7 @@ def test_icarl_loss_is_sigmoid_bce_with_the_old_models_outputs_as_old_class_targ
     old, new = torch.sigmoid(icarl.old(x)), icarl.model(x)
     target = torch.stack([old[:, 0], old[:, 1], (y == 2).float(), (y == 3).float()], 1)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(new[:, :4], target)
-    assert float(icarl.training_loss(x, y, stream[1])) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(icarl.training_loss(x, y, stream[1]).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 # --- BiC ----------------------------------------------------------------------------------------------
