@@ -29,10 +29,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from clbench.batched import batched_form
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
+from clbench.core.strategy import Strategy
 from clbench.core.types import Task
-from clbench.strategies.ewc import EWCDiag
+from clbench.strategies.ewc import EWCDiag, EWCDiagAdapter
 
 MAS_FORMS = ("accumulated", "per-task")
 
@@ -159,3 +161,23 @@ class MAS(EWCDiag):
 
     def extra_results(self) -> dict[str, Any]:
         return {"mas_form": self.mas_form, "memory_samples": 0}
+
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(MAS)
+class MASAdapter(EWCDiagAdapter):
+    """EWC-diag's batched penalty (the per-task penalties folded into one quadratic, or the accumulated pair)
+    at MAS's weight lambda rather than lambda / 2. Omega is each member's own: after a task every member runs
+    its after_task (mas_importance) on its own weights, and refresh stacks the result."""
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.form,)
+
+    def penalty(self) -> torch.Tensor | None:
+        half = super().penalty()  # 0.5 * strength * quadratic: doubling it is exact
+        return None if half is None else 2 * half
+
+    def after_task(self, i: int) -> bool:
+        return False
