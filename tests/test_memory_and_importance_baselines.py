@@ -90,6 +90,24 @@ def test_mas_accumulates_importance_and_anchors_at_the_latest_weights(mnist_root
     assert per_task.form == "per-task"
 
 
+@pytest.mark.parametrize("form", ["accumulated", "per-task"])
+def test_mas_batched_form_gives_the_engines_R(form):
+    import numpy as np
+
+    from clbench.batched import Member, run_batched
+
+    kw = {"model_name": "mlp", "model_args": {"widths": (12,)}}
+    streams = [make_stream("teacher-student", input_dim=40, latent_dim=6, output_dim=3, mode="sampled", samples=96,
+                           tasks=3, seed=seed) for seed in range(2)]
+    args = {"strength": 3.0, "form": form, "epochs": 2, "batch_size": 32}
+    batched = run_batched([Member(s, make_strategy("mas", **args), seed) for seed, s in enumerate(streams)],
+                          device="cpu", **kw)
+    for seed, (stream, got) in enumerate(zip(streams, batched)):
+        want = run(stream, make_strategy("mas", **args), device="cpu", seed=seed, progress=False, **kw)
+        np.testing.assert_allclose(got.R, want.R, atol=1e-5)
+        np.testing.assert_allclose(got.loss_curves, want.loss_curves, rtol=1e-4, atol=1e-6)
+
+
 # --- iCaRL --------------------------------------------------------------------------------------------
 def slow_herding(features, m):
     mu = features.mean(0)
