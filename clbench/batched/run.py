@@ -703,7 +703,7 @@ class ReplayAdapter(Adapter):
     def finish(self) -> None:
         """Tell the members what their extra_results report."""
         for m in self.g.members:
-            m.strategy.seen = self.seen
+            m.strategy.buffer.seen = self.seen
 
     def bytes_per_member(self, strategy, stream, model):
         task = stream.tasks[0]
