@@ -4,7 +4,10 @@ Each strategy is one file: a :class:`clbench.Strategy` subclass registered by
 name, overriding only the hooks its algorithm changes.
 """
 from clbench.strategies.activity_gating import ActivityGating
+from clbench.strategies.agem import AGEM
 from clbench.strategies.adaptive_gating import AdaptiveGating
+from clbench.strategies.der import DER, DERPlusPlus
+from clbench.strategies.er_ace import ERACE
 from clbench.strategies.ewc import EWCDiag, EWCFull
 from clbench.strategies.finetune import Finetune
 from clbench.strategies.iru import IRU
@@ -16,5 +19,5 @@ from clbench.strategies.plasticity_gating import PlasticityGating
 from clbench.strategies.replay import Replay
 from clbench.strategies.si import SynapticIntelligence
 
-__all__ = ["ActivityGating", "AdaptiveGating", "EWCDiag", "EWCFull", "Finetune", "IRU", "Joint", "L2", "L2P", "LwF",
-           "PlasticityGating", "Replay", "SynapticIntelligence"]
+__all__ = ["AGEM", "ActivityGating", "AdaptiveGating", "DER", "DERPlusPlus", "ERACE", "EWCDiag", "EWCFull", "Finetune",
+           "IRU", "Joint", "L2", "L2P", "LwF", "PlasticityGating", "Replay", "SynapticIntelligence"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench.core.buffer import ReservoirBuffer, by_task
+from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
@@ -29,9 +29,7 @@ class Replay(Strategy):
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, **train) -> None:
         super().__init__(**train)
-        for key, value in (("buffer_size", buffer_size), ("replay_batch_size", replay_batch_size)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ClbenchError(f"replay: {key} must be a positive whole number, e.g. {key}=500; got {value!r}")
+        check_sizes("replay", buffer_size=buffer_size, replay_batch_size=replay_batch_size)
         if buffer_size is None:
             raise ClbenchError("replay: buffer_size must be a positive whole number, e.g. buffer_size=500; got None")
         self.buffer_size = buffer_size
@@ -43,10 +41,7 @@ class Replay(Strategy):
         loss = super().training_loss(x, y, task)
         if len(self.buffer):
             k = min(self.replay_batch_size or len(x), len(self.buffer))
-            b = self.buffer.sample(k)
-            for task_id, mask in by_task(b["task"]):  # tasks may have different heads or gates
-                loss = loss + self.task_loss(self.predict(b["x"][mask], self.tasks[task_id]), b["y"][mask]) * (
-                    mask.sum() / k)
+            loss = replayed_loss(self, self.buffer.sample(k), self.tasks, loss)  # each sample through its own task
         self.tasks[task.id] = task
         self.buffer.add(x=x.detach(), y=y, task=task.id)
         return loss

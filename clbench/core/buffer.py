@@ -8,7 +8,15 @@ count, unlike index assignment with repeated indices).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+from clbench.core.errors import ClbenchError
+
+if TYPE_CHECKING:
+    from clbench.core.strategy import Strategy
+    from clbench.core.types import Task
 
 
 def reservoir_slots(seen: int, n: int, size: int, device: torch.device | str) -> torch.Tensor:
@@ -39,12 +47,30 @@ def last_writers(slots: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     return (*leading, slot, sample)
 
 
+def check_sizes(strategy: str, **values: Any) -> None:
+    """Each of ``values`` (memory sizes, batch sizes) is None or a positive whole number, else one ClbenchError."""
+    for key, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ClbenchError(f"{strategy}: {key} must be a positive whole number, e.g. {key}=500; got {value!r}")
+
+
 def by_task(task_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``(task id, boolean mask)`` for each task present in a replayed batch, in increasing id.
 
     Samples of different tasks may read different heads or gates, so a replayed batch is scored task by task.
     """
     return [(task_id, task_ids == task_id) for task_id in task_ids.unique().tolist()]
+
+
+def replayed_loss(strategy: "Strategy", batch: dict[str, torch.Tensor], tasks: dict[int, "Task"],
+                  total: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``total`` plus the stream's loss on a replayed batch (fields ``x``, ``y``, ``task``), averaged over its
+    samples, each sample scored through its own task (head, gate) with ``strategy.predict``."""
+    k = len(batch["task"])
+    for task_id, mask in by_task(batch["task"]):
+        total = total + strategy.task_loss(strategy.predict(batch["x"][mask], tasks[task_id]), batch["y"][mask]) * (
+            mask.sum() / k)
+    return total
 
 
 class ReservoirBuffer:
