@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 from clbench.core.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
 from clbench.core.errors import ClbenchError  # noqa: E402
-from clbench.models.networks import build_model  # noqa: E402
 from clbench.core.registry import (  # noqa: E402
+    build_model,  # noqa: E402
     load_plugin,
     register_model,
     register_strategy,

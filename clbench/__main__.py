@@ -1,5 +1,5 @@
 import sys
 
-from clbench.cli.main import main
+from clbench.cli.commands import main
 
 sys.exit(main())

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from clbench import make_strategy, make_stream, run
-from clbench.models.networks import build_model
 from clbench.core.types import Stream
+from clbench.models.networks import build_model
 
 
 @dataclass
@@ -100,7 +100,11 @@ def comparisons(n_train: int, strength: float = 1.0, decay: float = 0.5, c: floa
     SI's default ``xi`` is large so that no importance reaches Avalanche's 0.001 clip (``c`` is large to
     compensate); with smaller ``xi`` the clip binds and the two differ by design.
     """
-    from avalanche.training.plugins import EWCPlugin, LwFPlugin, SynapticIntelligencePlugin
+    from avalanche.training.plugins import (
+        EWCPlugin,
+        LwFPlugin,
+        SynapticIntelligencePlugin,
+    )
 
     ewc = dict(strength=strength, fisher="empirical", fisher_samples=n_train)
     return [

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 import clbench
-from clbench.batched import run as batched_path
-from clbench.batched.run import Member, run_batched
+from clbench.batched import Member, run_batched
+from clbench.batched import fisher as batched_fisher
+from clbench.batched import group as batched_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vectorized import matmul_flops, matmul_throughput  # noqa: E402
@@ -54,8 +55,8 @@ def phase_times() -> dict[str, float]:
     """Seconds the batched path spends in its once-a-task phases (input preparation, evaluation, the diagonal
     Fisher), found by wrapping those functions for the duration."""
     spent: dict[str, float] = {}
-    phases = [(batched_path, "_distinct_inputs", "inputs"), (batched_path._Group, "evaluate", "evaluation"),
-              (batched_path, "_diagonal_fisher", "Fisher")]
+    phases = [(batched_group, "distinct_inputs", "inputs"), (batched_group.Group, "evaluate", "evaluation"),
+              (batched_fisher, "diagonal_fisher", "Fisher")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in phases]
 
     def timed(function, label):
@@ -77,7 +78,7 @@ def phase_times() -> dict[str, float]:
 
 
 def demo(device: str) -> tuple[float, float]:
-    from clbench.cli.main import DEMO_GRID, DEMO_SEEDS, DEMO_STRATEGIES
+    from clbench.cli.commands import DEMO_GRID, DEMO_SEEDS, DEMO_STRATEGIES
 
     grid = [((a, b), s) for a in DEMO_GRID for b in DEMO_GRID for s in range(DEMO_SEEDS)]
     total_seq = total_batched = largest = 0.0

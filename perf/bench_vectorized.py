@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clbench import make_strategy, make_stream, run
-from clbench.batched.vectorized import run_seeds
+from clbench.batched import run_seeds
 
 
 def matmul_flops(dims: list[int], train_samples: int, test_samples: int, tasks: int, epochs: int) -> float:

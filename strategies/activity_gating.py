@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clbench.batched import Adapter, batched_form
 from clbench.core.errors import ClbenchError, check_unit_interval
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
@@ -87,3 +88,18 @@ class ActivityGating(Strategy):
     def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
         self.current = self.gate(task)
         return self.model(x)
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(ActivityGating)
+class ActivityGatingAdapter(Adapter):
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.layers,)
+
+    def gates(self, j: int) -> list[torch.Tensor | None]:
+        members = self.g.members
+        per_member = [m.strategy.gate(self.g.tasks[b][j]) for b, m in enumerate(members)]
+        stacked = [torch.stack(g) for g in zip(*per_member)]
+        linears = len(self.g.net.linears)
+        return ([None] * (linears - len(stacked))) + stacked  # layers="hidden" gates all but the first

@@ -37,10 +37,15 @@ from dataclasses import replace
 import torch
 from torch.func import functional_call
 
+from clbench.batched import batched_form
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.types import Task
-from clbench.strategies.activity_gating import ActivityGating, random_gate
+from clbench.strategies.activity_gating import (
+    ActivityGating,
+    ActivityGatingAdapter,
+    random_gate,
+)
 
 RULES = ("paper", "normalised", "fresh")
 
@@ -107,5 +112,8 @@ class AdaptiveGating(ActivityGating):
     def extra_results(self) -> dict:
         return {"gate_reuse_probability": {str(k): v for k, v in self.reuse.items()}, "rule": self.rule}
 
+
+# batched form: the gates are the members' own (chosen in before_task), stacked as for activity gating
+batched_form(AdaptiveGating)(ActivityGatingAdapter)
 
 __all__ = ["AdaptiveGating", "random_gate", "RULES"]

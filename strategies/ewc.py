@@ -25,13 +25,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
-from clbench.fisher import estimators as fisher
+from clbench.batched import StackedLinear, batched_form, member_numbers
+from clbench.batched import fisher as batched_fisher
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
-from clbench.strategies.l2 import strength_from_gamma
-from clbench.core.strategy import Strategy, parameter_vector
-from clbench.core.types import Task
+from clbench.core.strategy import Strategy, count_parameters, parameter_vector
+from clbench.core.types import Stream, Task
+from clbench.fisher import estimators as fisher
+from clbench.strategies.l2 import L2Adapter, strength_from_gamma
 
 FORMS = ("per-task", "online")
 
@@ -197,3 +200,182 @@ class EWCFull(EWCDiag):
 
     def extra_results(self) -> dict:
         return {**super().extra_results(), "fisher_form": self.form_used}
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(EWCDiag)
+class EWCDiagAdapter(L2Adapter):
+    """Per-task EWC's penalties sum_k F_k (theta - theta_k)^2 are one quadratic: F (theta - a)^2 + c with
+    F = sum_k F_k, a = sum_k F_k theta_k / F and the constant c (kept, so the loss curves match); the online
+    form holds one (F, anchor) pair already."""
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.fisher_kind, strategy.form)
+
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.strength = member_numbers(self.g.members, "strength", self.g.dev)
+        self.anchor = self.importance = self.constant = None
+        if not s[0].penalties:
+            return
+        Fk = torch.stack([torch.stack([F for F, _ in x.penalties]) for x in s])  # (B, K, P)
+        Tk = torch.stack([torch.stack([a for _, a in x.penalties]) for x in s])
+        if Fk.shape[1] == 1:
+            self.importance, self.anchor = Fk[:, 0], Tk[:, 0]
+            return
+        Fk, Tk = Fk.double(), Tk.double()
+        F, FT = Fk.sum(1), (Fk * Tk).sum(1)
+        anchor = torch.where(F > 0, FT / F.clamp_min(torch.finfo(F.dtype).tiny), 0.0)
+        self.constant = ((Fk * Tk * Tk).sum((1, 2)) - (F * anchor * anchor).sum(1)).float()
+        self.importance, self.anchor = F.float(), anchor.float()
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        quadratic = self.g.net.quadratic(self.anchor, self.importance)
+        return 0.5 * self.strength * (quadratic if self.constant is None else quadratic + self.constant)
+
+    def after_task(self, i: int) -> bool:
+        """The diagonal Fisher of task i for all members at once: for one bias-free Linear layer under MSE
+        (true Fisher) entry (k, j) is mean_n x_nj^2 for every output k; for any stacked MLP the per-sample
+        outer products of fisher.diagonal. Members with different fisher_samples run their own after_task."""
+        X = batched_fisher.linear_true_fisher_inputs(self.g, i)
+        if X is not None:
+            out = self.g.net.params[0].shape[1]
+            new = (X * X).mean(1)[:, None, :].expand(-1, out, -1).reshape(self.g.B, -1)
+        else:
+            new = batched_fisher.diagonal_fisher(self.g, i)
+            if new is None:
+                return False
+        s = [m.strategy for m in self.g.members]
+        anchor = self.g.net.flat().detach().clone()
+        if s[0].form == "per-task":  # one more penalty each
+            for b, x in enumerate(s):
+                x.penalties.append((new[b], anchor[b]))
+            return True
+        decay = member_numbers(self.g.members, "decay", self.g.dev)
+        importance = new if s[0].importance is None else decay[:, None] * torch.stack([x.importance for x in s]) + new
+        for b, x in enumerate(s):
+            x.importance, x.anchor = importance[b], anchor[b]
+        return True
+
+    def bytes_per_member(self, strategy, stream, model):
+        return 3 * count_parameters(model) * 4
+
+
+class BatchedKronecker(torch.autograd.Function):
+    """Per member b: tr(G_b dW_b A_b dW_b^T); the gradient 2 G dW A is the product the value needs."""
+
+    @staticmethod
+    def forward(ctx, dW, A, G):
+        GdWA = torch.bmm(torch.bmm(G, dW), A)
+        ctx.save_for_backward(GdWA)
+        return (dW * GdWA).flatten(1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (GdWA,) = ctx.saved_tensors
+        return 2 * grad[:, None, None] * GdWA, None, None
+
+
+@batched_form(EWCFull)
+class EWCFullAdapter(EWCDiagAdapter):
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.fisher_kind, strategy.fisher_form, strategy.fisher_samples, strategy.max_entries)
+
+    @staticmethod
+    def refuse(stream: Stream, strategy: Strategy) -> str | None:
+        if strategy.form == "per-task" and len(stream.tasks) > 2:
+            return "per-task ewc-full on more than two tasks has no batched form (form=online has; on two tasks they agree)"
+        return L2Adapter.refuse(stream, strategy)
+
+    def refresh(self) -> None:
+        if getattr(self, "factor", None) is not None:
+            return  # state kept here (see after_task)
+        L2Adapter.refresh(self)
+        self.factor = None
+        s = [m.strategy for m in self.g.members]
+        self.form = None if s[0].importance is None else s[0].importance[0]
+        if self.form is None:
+            return
+        if any(x.importance[0] != self.form for x in s):
+            raise ClbenchError("batched ewc-full members ended with different Fisher forms; run them unbatched "
+                               "(--batch off) or set fisher_form explicitly")
+        if self.form in ("rows", "matrix"):
+            self.importance = torch.stack([x.importance[1] for x in s])
+            for b, x in enumerate(s):  # views, so the stacked copy is the only one
+                x.importance = (self.form, self.importance[b])
+            return
+        terms = [x.importance[1] for x in s]
+        linears = [m for m in s[0].model.modules() if isinstance(m, nn.Linear)]
+        self.kfac = []
+        for k in range(len(terms[0])):
+            layer = linears.index(terms[0][k][0])
+            self.kfac.append((layer, torch.stack([t[k][1] for t in terms]), torch.stack([t[k][2] for t in terms]),
+                              torch.tensor([float(t[k][3]) for t in terms], device=self.g.dev)))
+        offsets, total = [], 0
+        for p in self.g.net.params:
+            offsets.append(total)
+            total += p[0].numel()
+        self.offsets = offsets
+
+    def after_task(self, i: int) -> bool:
+        """Exact true Fisher of one bias-free Linear layer under MSE, for all members at once.
+
+        The Fisher rows are the output Jacobian rows e_k (x) x_n / sqrt(n), so with X the stacked inputs
+        ||M vec(dW)||^2 = ||X dW^T||_F^2: X is the exact Fisher in factored form (accumulated as the rows
+        are: older rows scaled by sqrt(decay)). Any other case runs the members' own after_task."""
+        X = batched_fisher.linear_true_fisher_inputs(self.g, i)
+        s = [m.strategy for m in self.g.members]
+        if X is None or any(x.fisher_form == "kfac" for x in s):
+            return False
+        P, K = self.g.net.params[0][0].numel(), X.shape[1] * self.g.net.params[0].shape[1]
+        if any(x.fisher_form == "auto" and min(K, P) * P > x.max_entries for x in s):
+            return False  # the engine would use K-FAC
+        if getattr(self, "factor", None) is None and s[0].importance is not None:
+            return False  # the members already hold another form
+        decay = member_numbers(self.g.members, "decay", self.g.dev)
+        X = X / X.shape[1] ** 0.5
+        self.factor = X if getattr(self, "factor", None) is None else torch.cat(
+            [decay.sqrt()[:, None, None] * self.factor, X], 1)
+        self.anchor = self.g.net.flat().detach().clone()
+        self.strength = member_numbers(self.g.members, "strength", self.g.dev)
+        for b, x in enumerate(s):
+            x.anchor, x.form_used, x.importance = self.anchor[b], "exact", ("rows (batched, factored)", None)
+        return True
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        if self.factor is not None:
+            dW = self.g.net.params[0] - self.anchor.view_as(self.g.net.params[0])
+            return 0.5 * self.strength * StackedLinear.apply(self.factor, dW).pow(2).flatten(1).sum(1)
+        if self.form == "rows":
+            d = self.g.net.flat() - self.anchor
+            return 0.5 * self.strength * torch.bmm(self.importance, d[:, :, None]).pow(2).flatten(1).sum(1)
+        if self.form == "matrix":
+            d = self.g.net.flat() - self.anchor
+            return 0.5 * self.strength * (d * torch.bmm(self.importance, d[:, :, None])[:, :, 0]).sum(1)
+        total = 0.0
+        params = self.g.net.params
+        for layer, A, G, weight in self.kfac:
+            w, b = self.g.net.linears[layer]
+            shape = params[w].shape
+            dW = params[w] - self.anchor[:, self.offsets[w]:self.offsets[w] + shape[1] * shape[2]].view(shape)
+            if b is not None:
+                n = params[b].shape[1]
+                db = params[b] - self.anchor[:, self.offsets[b]:self.offsets[b] + n]
+                dW = torch.cat([dW, db[:, :, None]], 2)
+            total = total + weight * BatchedKronecker.apply(dW, A, G)
+        return 0.5 * self.strength * total
+
+    def bytes_per_member(self, strategy, stream, model):
+        params, samples = count_parameters(model), min(strategy.fisher_samples, len(stream.tasks[0].train_x))
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        if (stream.loss == "mse" and strategy.fisher_kind == "true" and len(linears) == 1
+                and linears[0].bias is None and strategy.fisher_form != "kfac"):  # factored: inputs only
+            return 3 * params * 4 + samples * len(stream.tasks) * linears[0].in_features * 4
+        rows = samples * stream.num_outputs * len(stream.tasks)
+        return 3 * params * 4 + 2 * min(rows, params) * params * 4

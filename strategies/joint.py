@@ -1,4 +1,5 @@
 """Joint training: the upper bound, training on every task seen so far."""
+from clbench.batched import Adapter, batched_form
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
 from clbench.core.types import Task
@@ -10,3 +11,6 @@ class Joint(Strategy):
 
     def train_tasks(self, task: Task, seen: list[Task]) -> list[Task]:
         return seen
+
+
+batched_form(Joint)(Adapter)  # batched form: plain training, nothing to stack

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from clbench.batched import Adapter, batched_form, member_numbers
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy, parameter_vector
@@ -62,3 +63,23 @@ class L2(Strategy):
             return 0.0
         delta = torch.cat([p.reshape(-1) for p in self.trainable_parameters()]) - self.anchor
         return 0.5 * self.strength * delta.pow(2).sum()
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(L2)
+class L2Adapter(Adapter):
+    @staticmethod
+    def refuse(stream: Stream, strategy: Strategy) -> str | None:
+        if strategy.anchor_initial:
+            return "anchor_initial (a pull to the initial weights during task 1) has no batched form"
+        return None
+
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.anchor = None if s[0].anchor is None else torch.stack([x.anchor for x in s])
+        self.strength = member_numbers(self.g.members, "strength", self.g.dev)
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        return 0.5 * self.strength * self.g.net.quadratic(self.anchor, None)

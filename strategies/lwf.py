@@ -19,8 +19,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from clbench.batched import Adapter, StackedNet, batched_form, member_numbers
+from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
-from clbench.core.strategy import Strategy
+from clbench.core.strategy import Strategy, count_parameters
 from clbench.core.types import Task
 
 
@@ -58,3 +60,42 @@ class LwF(Strategy):
         T = self.temperature
         distill = F.kl_div(F.log_softmax(new / T, 1), F.log_softmax(old / T, 1), log_target=True, reduction="batchmean")
         return loss + self.alpha * (T * T if self.t_squared else 1.0) * distill
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(LwF)
+class LwFAdapter(Adapter):
+    """The members' frozen previous models (their own after_task copies them) stacked; the distillation term
+    of strategies/lwf.py per member, with its own alpha and temperature."""
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.t_squared,)
+
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.old = None if s[0].old is None else StackedNet([x.old for x in s])
+        for p in self.old.params if self.old is not None else []:
+            p.requires_grad_(False)
+        if self.old is not None and any(x.seen_units != s[0].seen_units for x in s):
+            raise ClbenchError("batched lwf members have seen different output units; run them unbatched")
+        self.units = torch.tensor(s[0].seen_units, device=self.g.dev)
+        self.alpha = member_numbers(self.g.members, "alpha", self.g.dev)
+        self.temperature = member_numbers(self.g.members, "temperature", self.g.dev)[:, None, None]
+
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
+        if self.old is None:
+            return loss
+        with torch.no_grad():
+            old = self.old.forward(x, None, sharing).index_select(2, self.units)
+        new = outputs.index_select(2, self.units)
+        if self.g.loss_kind == "mse":
+            return loss + self.alpha * (new - old).pow(2).flatten(1).mean(1)
+        T = self.temperature
+        log_old, log_new = F.log_softmax(old / T, 2), F.log_softmax(new / T, 2)
+        distill = (log_old.exp() * (log_old - log_new)).sum(2).mean(1)  # KL, batchmean, per member
+        weight = self.temperature[:, 0, 0] ** 2 if self.g.members[0].strategy.t_squared else 1.0
+        return loss + self.alpha * weight * distill
+
+    def bytes_per_member(self, strategy, stream, model):
+        return 4 * count_parameters(model) * 4

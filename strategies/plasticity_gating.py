@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clbench.batched import Adapter, batched_form
 from clbench.core.errors import ClbenchError, check_unit_interval
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
@@ -44,3 +45,17 @@ class PlasticityGating(Strategy):
     def before_task(self, task: Task) -> None:
         self.masks = [random_gate(layer.in_features, self.alpha, self.base_seed + 7919 * task.id + k, False)
                       .to(layer.weight.device) for k, layer in enumerate(self.layers)]
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(PlasticityGating)
+class PlasticityGatingAdapter(Adapter):
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.masks = [torch.stack(g) for g in zip(*(x.masks for x in s))] if s[0].masks else []
+
+    def after_backward(self) -> None:
+        for (w, _), mask in zip(self.g.net.linears, self.masks):
+            grad = self.g.net.params[w].grad
+            if grad is not None:
+                grad.mul_(mask[:, None, :])

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from clbench.batched import Adapter, batched_form, member_numbers
 from clbench.core.registry import register_strategy
-from clbench.core.strategy import Strategy, parameter_vector
+from clbench.core.strategy import Strategy, count_parameters, parameter_vector
 from clbench.core.types import Task
 
 
@@ -55,3 +56,36 @@ class SynapticIntelligence(Strategy):
             return 0.0
         delta = torch.cat([p.reshape(-1) for p in self.trainable_parameters()]) - self.anchor
         return self.c * (self.omega * delta * delta).sum()
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+@batched_form(SynapticIntelligence)
+class SIAdapter(Adapter):
+    def refresh(self) -> None:
+        s = [m.strategy for m in self.g.members]
+        self.c = member_numbers(self.g.members, "c", self.g.dev)
+        self.anchor = None if s[0].anchor is None else torch.stack([x.anchor for x in s])
+        self.omega = None if s[0].omega is None else torch.stack([x.omega for x in s])
+        if hasattr(s[0], "path"):  # set by before_task
+            self.previous = torch.stack([x.previous for x in s])
+            self.path = torch.stack([x.path for x in s])
+
+    def before_after_task(self) -> None:
+        for b, m in enumerate(self.g.members):
+            m.strategy.path, m.strategy.previous = self.path[b].clone(), self.previous[b].clone()
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.anchor is None:
+            return None
+        return self.c * self.g.net.quadratic(self.anchor, self.omega)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for p, part in self.g.net.parts():  # per parameter: no (B, P) concatenation a step
+            current = p.reshape(len(p), -1)
+            grad = torch.zeros_like(current) if p.grad is None else p.grad.reshape(len(p), -1)
+            self.path[:, part].addcmul_(grad, current - self.previous[:, part], value=-1.0)
+            self.previous[:, part].copy_(current)
+
+    def bytes_per_member(self, strategy, stream, model):
+        return 6 * count_parameters(model) * 4

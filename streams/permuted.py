@@ -31,13 +31,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clbench.data.datasets import load
 from clbench.core.errors import ClbenchError, check_unit_interval
 from clbench.core.progress import steps
 from clbench.core.registry import register_stream
-from clbench.data.transforms import PixelPermutation
 from clbench.core.types import Stream, Task, TrainDefaults
-from clbench.streams._common import check_positive, check_scenario, cyclic_derangement, subset
+from clbench.data.datasets import load
+from clbench.data.transforms import PixelPermutation
+from clbench.streams._common import (
+    check_positive,
+    check_scenario,
+    cyclic_derangement,
+    subset,
+)
 
 PIXELS = 784
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clbench.data.datasets import DATASETS, load
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_stream
-from clbench.data.transforms import Normalize, RandomCropFlip, Scale
 from clbench.core.types import Stream, Task, TrainDefaults
+from clbench.data.datasets import DATASETS, load
+from clbench.data.transforms import Normalize, RandomCropFlip, Scale
 from clbench.streams._common import check_positive, check_scenario, subset
 
 CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

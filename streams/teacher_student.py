@@ -20,6 +20,7 @@ and retention = 1 - rho_a^2 (rho_a^2 - 2 rho_a rho_b + 1) (see ``theory``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -29,8 +30,9 @@ from clbench.core.registry import register_stream
 from clbench.core.types import Stream, Task, TrainDefaults
 
 
-def theory(rho_a: float, rho_b: float) -> dict[str, float]:
-    """Hiratani's closed forms for vanilla (finetune) training, two tasks, Nx -> infinity."""
+def theory(rho_a: Any, rho_b: Any) -> dict[str, Any]:
+    """Hiratani's closed forms for vanilla (finetune) training, two tasks, Nx -> infinity (numbers or arrays):
+    transfer rho_a (2 rho_b - rho_a), retention 1 - rho_a^2 (rho_a^2 - 2 rho_a rho_b + 1)."""
     return {
         "transfer": rho_a * (2 * rho_b - rho_a),
         "retention": 1 - rho_a**2 * (rho_a**2 - 2 * rho_a * rho_b + 1),

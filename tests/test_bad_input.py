@@ -1,6 +1,6 @@
 """Bad input: a clear one-line error (or an honest warning), nothing lost, no code run.
 
-Every case of issue 9, section 3, reproduced through the real CLI (``clbench.cli.main.main`` in this process,
+Every case of issue 9, section 3, reproduced through the real CLI (``clbench.cli.commands.main`` in this process,
 which is what the ``clbench`` script runs, or the ``cli`` fixture's subprocess where a process boundary
 matters) or through the Python API. No test depends on the machine's speed: where a test waits for
 something, it polls with a generous bound.
@@ -29,7 +29,7 @@ from clbench import ClbenchError
 from clbench.data import datasets as data
 from clbench.core import progress
 from clbench.core import registry
-from clbench.cli.main import main
+from clbench.cli.commands import main
 from clbench.core.errors import ClbenchWarning
 from clbench.core.types import Stream, Task, TrainDefaults
 from fake_data import write_cifar, write_idx_dataset

@@ -14,7 +14,7 @@ import torch
 
 import clbench
 from clbench import ClbenchError
-from clbench.cli import main as cli
+from clbench.cli import commands as cli
 from clbench.reporting import leaderboard
 from clbench.reporting import report
 from clbench.experiments import suite as suites
@@ -258,7 +258,7 @@ def test_leaderboard_refuses_to_mix_protocols(ranked_store, tmp_path, capsys):
     path2 = root / "suites" / "tiny2.toml"
     path2.write_text(changed.replace("version = 1", "version = 2"))
     shutil.copytree(committed, root / "leaderboards" / "results" / "tiny2", dirs_exist_ok=True)
-    from clbench.experiments import benchmark
+    from clbench import benchmark
 
     with pytest.raises(ClbenchError, match="never mixes protocols"):
         benchmark.suite_runs(suites.load(path2), tmp_path / "empty")
@@ -295,7 +295,7 @@ def test_html_page_renders_and_sorts_in_a_headless_browser(ranked_store, tmp_pat
 
 
 def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_path):
-    from clbench.experiments import benchmark
+    from clbench import benchmark
     from clbench.experiments import sweep
 
     path = write_suite(tmp_path, **{'protocol = "holdout"\nshare = 0.2\nseed = 3': 'protocol = "first-tasks"\ntasks = 1',
@@ -317,7 +317,7 @@ SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fa
 
 @pytest.mark.parametrize("name", SUITE_BOARDS)
 def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path, name):
-    from clbench.experiments import benchmark
+    from clbench import benchmark
 
     results = ROOT / "leaderboards" / "results" / name
     committed = ROOT / "leaderboards" / f"{name}.csv"

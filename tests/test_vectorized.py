@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from clbench import ClbenchError, make_strategy, make_stream, run
-from clbench.batched.vectorized import run_seeds
+from clbench.batched import run_seeds
 from fake_data import write_idx_dataset
 
 

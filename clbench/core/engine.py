@@ -21,8 +21,8 @@ from torch import nn
 
 from clbench.core import metrics
 from clbench.core.errors import ClbenchError
-from clbench.models.networks import build_model, count_parameters
-from clbench.core.strategy import Strategy
+from clbench.core.registry import build_model
+from clbench.core.strategy import Strategy, count_parameters
 from clbench.core.types import Stream, Task
 
 
@@ -50,7 +50,7 @@ class Result:
         """Write atomically (temporary file, then rename)."""
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(_finite(self.to_dict()), f, indent=1)
+            json.dump(finite(self.to_dict()), f, indent=1)
         os.replace(tmp, path)
 
 
@@ -74,14 +74,14 @@ def seed_torch(seed: int, dev: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """JSON has no NaN: write None instead."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -172,10 +172,57 @@ def evaluate(strategy: Strategy, tasks: list[Task], loss: str, batch_size: int =
     return torch.stack(out).cpu().numpy()
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; process-wide peak
+
+
+def stream_model(stream: Stream, model_name: str | None = None, model_args: dict[str, Any] | None = None) -> nn.Module:
+    """The model a run trains: the stream's recommended one, or ``model_name`` (with ``model_args`` over the
+    recommended arguments only when the name is the stream's default)."""
+    name = model_name or stream.defaults.model
+    args = dict(stream.defaults.model_args) if model_name is None else {}
+    args.update(model_args or {})
+    return build_model(name, stream.input_shape, stream.num_outputs, **args)
+
+
+def checked_settings(strategy: Strategy) -> dict[str, Any]:
+    """The strategy's training settings in force, refused when out of range."""
+    settings = strategy.settings()
+    if settings["epochs"] < 0 or settings["batch_size"] < 1 or not settings["lr"] > 0:
+        raise ClbenchError(f"training settings out of range: {settings}; need epochs >= 0, batch_size >= 1, lr > 0")
+    return settings
+
+
+def run_config(stream: Stream, strategy: Strategy, settings: dict[str, Any], device: torch.device, seed: int,
+               precision: str = "fp32", config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a result records of how it was run (the thread count too: same seed + same thread count gives the
+    same R bit for bit on CPU)."""
+    config = dict(config or {})
+    config.update(stream=stream.name, strategy=strategy.name, scenario=stream.scenario, device=str(device),
+                  precision=precision, seed=seed, threads=torch.get_num_threads(), provenance=stream.provenance,
+                  **settings)
+    return config
+
+
+def make_result(raw: np.ndarray, stream: Stream, strategy: Strategy, model: nn.Module, config: dict[str, Any],
+                seed: int, curves: list, wall_time_s: float, device: torch.device, complete: bool,
+                extra: dict[str, Any] | None = None) -> Result:
+    """A run's Result from its raw matrix (accuracy or error per task, before scoring)."""
+    R = scores(raw, stream.loss)
+    return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves,
+                  wall_time_s=wall_time_s, peak_memory_mb=peak_memory_mb(device),
+                  parameter_count=count_parameters(model), config=config, seed=seed, versions=versions(),
+                  extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
+                         "raw": finite(raw.tolist()), **(extra or {})},
+                  complete=complete)
+
+
+def diverged(loss: float, task: int, epoch: int, lr: float, partial: Result) -> TrainingDiverged:
+    """The error of a run whose training loss became non-finite (task and epoch 0-based)."""
+    return TrainingDiverged(f"training loss became {loss} on task {task + 1}, epoch {epoch + 1} (lr={lr}); lower "
+                            f"the learning rate with --strategy-arg lr=...", partial)
 
 
 def run(
@@ -203,39 +250,25 @@ def run(
         raise ClbenchError(f"precision must be fp32 or bf16, got {precision!r}")
     seed_torch(seed, dev)
     if model is None:
-        name = model_name or stream.defaults.model
-        args = dict(stream.defaults.model_args) if model_name is None else {}
-        args.update(model_args or {})
-        model = build_model(name, stream.input_shape, stream.num_outputs, **args)
+        model = stream_model(stream, model_name, model_args)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     check_inputs(stream)
     model = strategy.setup(model.to(dev), stream)
     tasks = [t.to(dev) for t in stream.tasks]
-    settings = strategy.settings()
-    if settings["epochs"] < 0 or settings["batch_size"] < 1 or not settings["lr"] > 0:
-        raise ClbenchError(f"training settings out of range: {settings}; need epochs >= 0, batch_size >= 1, lr > 0")
+    settings = checked_settings(strategy)
     generator = torch.Generator(device=dev).manual_seed(seed)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     T = len(tasks)
     raw = np.full((T + 1, T), np.nan)
     curves: list[list[float]] = []
-    config = dict(config or {})
-    # threads: same seed + same thread count gives the same R bit for bit on CPU (README, "Determinism")
-    config.update(stream=stream.name, strategy=strategy.name, scenario=stream.scenario, device=str(dev),
-                  precision=precision, seed=seed, threads=torch.get_num_threads(), provenance=stream.provenance,
-                  **settings)
+    config = run_config(stream, strategy, settings, dev, seed, precision, config)
     start = time.perf_counter()
 
     def result(complete: bool) -> Result:
-        R = _scores(raw, stream.loss)
-        return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves, wall_time_s=time.perf_counter() - start,
-                      peak_memory_mb=_peak_memory_mb(dev), parameter_count=count_parameters(model),
-                      config=config, seed=seed, versions=versions(),
-                      extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
-                             "raw": _finite(raw.tolist())},
-                      complete=complete)
+        return make_result(raw, stream, strategy, model, config, seed, curves, time.perf_counter() - start, dev,
+                           complete)
 
     # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
     bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
@@ -273,11 +306,7 @@ def run(
             if not math.isfinite(mean_loss):
                 curves.append(curve)
                 bar.close()
-                raise TrainingDiverged(
-                    f"training loss became {mean_loss} on task {i + 1}, epoch {epoch + 1} "
-                    f"(lr={settings['lr']}); lower the learning rate with --strategy-arg lr=...",
-                    result(complete=False),
-                )
+                raise diverged(mean_loss, i, epoch, settings["lr"], result(complete=False))
         curves.append(curve)
         strategy.after_task(task)
         bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
@@ -307,7 +336,7 @@ def check_inputs(stream: Stream) -> None:
                                    f"{other}; every task must give inputs of the stream's input_shape")
 
 
-def _scores(raw: np.ndarray, loss: str) -> np.ndarray:
+def scores(raw: np.ndarray, loss: str) -> np.ndarray:
     """Accuracy as is; regression error as the normalised score 1 - error/error_at_init."""
     if loss == "ce":
         return raw.copy()

@@ -4,6 +4,9 @@ Anything raised as :class:`ClbenchError` is a problem with the user's input or
 environment; its message names the problem and the fix. The CLI prints it as a
 single line and exits with status 2.
 """
+from __future__ import annotations
+
+from typing import Iterable
 
 
 class ClbenchError(ValueError):
@@ -19,6 +22,16 @@ def check_unit_interval(name: str, value: float, low: float = 0.0, high: float =
     if not (low <= value <= high):
         raise ClbenchError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
     return value
+
+
+def unknown_key(key: str, known: "Iterable[str]", where: str) -> ClbenchError:
+    """The error for a misspelt key in a file (a sweep or a suite), naming the nearest known key."""
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ClbenchError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(known)})")
 
 
 class ClbenchWarning(UserWarning):

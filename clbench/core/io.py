@@ -27,13 +27,13 @@ def check_output_file(path: str | os.PathLike, option: str = "--output") -> Path
                            f"(mkdir -p {parent}) or pick another path")
     if not parent.is_dir():
         raise ClbenchError(f"{option} {path}: {parent} is not a folder")
-    problem = _unwritable(parent)
+    problem = unwritable(parent)
     if problem:
         raise ClbenchError(f"{option} {path}: cannot write in {parent} ({problem}); pick a writable folder")
     return p
 
 
-def _unwritable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """Why no new file can be made in ``folder`` (tried for real: a probe file made and deleted), or None."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".clbench-", suffix=".probe", dir=folder)
@@ -54,7 +54,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
     except OSError as e:
         raise ClbenchError(f"cannot create {what} {folder} ({e.strerror or e}); point it at a writable "
                            "folder") from None
-    problem = _unwritable(folder)
+    problem = unwritable(folder)
     if problem:
         raise ClbenchError(f"cannot write in {what} {folder} ({problem}); point it at a writable folder")
     return folder

@@ -90,7 +90,7 @@ def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for module in ("clbench.models.networks", "clbench.streams", "clbench.strategies"):
+        for module in ("clbench.models", "clbench.streams", "clbench.strategies"):
             importlib.import_module(module)
 
 
@@ -282,3 +282,9 @@ def load_plugin(spec: str) -> None:
         except Exception as e:  # noqa: BLE001
             raise _import_error(spec, e) from None
     LOADED_PLUGINS.append(spec)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, **args: Any) -> Any:
+    """Build a registered model (an ``nn.Module``), checking its arguments."""
+    builder = lookup("model", name)
+    return builder(tuple(input_shape), int(num_outputs), **check_arguments("model", name, builder, args))

@@ -26,7 +26,6 @@ from torch import nn
 from clbench.core.errors import ClbenchError
 from clbench.core.types import SCENARIOS, Stream, Task
 
-
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -157,3 +156,8 @@ class Strategy:
 def parameter_vector(model: nn.Module) -> torch.Tensor:
     """All trainable parameters of ``model`` flattened into one detached vector."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

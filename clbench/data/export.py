@@ -1,11 +1,15 @@
 """A stream as plain torch datasets or as an Avalanche benchmark."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import TensorDataset
 
 from clbench.core.errors import ClbenchError
-from clbench.core.types import Stream, Task
+
+if TYPE_CHECKING:  # type hints only: clbench.core.types calls into this module (Stream.to_torch)
+    from clbench.core.types import Stream, Task
 
 
 def _materialise(task: Task, split: str, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +51,9 @@ def to_avalanche(stream: Stream):
     """
     try:
         from avalanche.benchmarks import dataset_benchmark
-        from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+        from avalanche.benchmarks.utils import (
+            _make_taskaware_tensor_classification_dataset,
+        )
     except ImportError as e:
         raise ClbenchError(f"to_avalanche needs avalanche-lib ({e}); install it with "
                            "`pip install 'clbench[avalanche]'`") from None

@@ -59,9 +59,9 @@ class Store:
         except OSError as e:
             raise ClbenchError(f"cannot create the store folder {self.root} ({e.strerror or e}); pick a writable "
                                "path for --store") from None
-        from clbench.core.io import _unwritable
+        from clbench.core.io import unwritable
 
-        problem = _unwritable(self.root)
+        problem = unwritable(self.root)
         if problem:
             raise ClbenchError(f"cannot write in the store folder {self.root} ({problem}); pick a writable path "
                                "for --store")
@@ -105,11 +105,11 @@ class Store:
 
     def write(self, run_id: str, record: dict[str, Any]) -> None:
         """Write atomically: a temporary file, then a rename."""
-        from clbench.core.engine import _finite
+        from clbench.core.engine import finite
 
         tmp = self.root / f"{run_id}.json.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(_finite(record), f, indent=1, sort_keys=True)
+            json.dump(finite(record), f, indent=1, sort_keys=True)
         os.replace(tmp, self.path(run_id))
 
     def records(self) -> Iterator[dict[str, Any]]:

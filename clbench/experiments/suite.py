@@ -59,13 +59,13 @@ import difflib
 import hashlib
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
-from clbench.core.errors import ClbenchError
+from clbench.core.errors import ClbenchError, unknown_key
 from clbench.core.types import Stream
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"  # package data: an installed wheel has them too
@@ -116,16 +116,10 @@ class Suite:
 
     def streams(self) -> list[dict[str, Any]]:
         """Stream configs (name, args, model, model_args), list-valued args expanded into a grid."""
-        from clbench.experiments.sweep import _axes
+        from clbench.experiments.sweep import axes
 
         return [{"stream": s["name"], "stream_args": args, "model": s.get("model"), "model_args": s.get("model_args", {})}
-                for s in self.spec["stream"] for args in _axes(s.get("args"))]
-
-
-def _unknown(where: str, key: str, known: set[str]) -> ClbenchError:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ClbenchError(f"{where}: unknown key {key!r}{hint} (known: {', '.join(sorted(known))})")
+                for s in self.spec["stream"] for args in axes(s.get("args"))]
 
 
 def check_space(space: Any, where: str) -> dict[str, tuple]:
@@ -150,7 +144,7 @@ def check_space(space: Any, where: str) -> dict[str, tuple]:
 def _check(spec: dict[str, Any], where: str) -> None:
     for key in spec:
         if key not in _TOP:
-            raise _unknown(where, key, _TOP)
+            raise unknown_key(key, _TOP, where)
     for table, known in _TABLES.items():
         entries = spec.get(table, [] if table in ("stream", "strategy") else {})
         for entry in entries if isinstance(entries, list) else [entries]:
@@ -158,7 +152,7 @@ def _check(spec: dict[str, Any], where: str) -> None:
                 raise ClbenchError(f"{where}: [{table}] must be a table")
             for key in entry:
                 if key not in known:
-                    raise _unknown(f"{where} [{table}]", key, known)
+                    raise unknown_key(key, known, f"{where} [{table}]")
     if not isinstance(spec.get("version"), int) or spec["version"] < 1:
         raise ClbenchError(f"{where}: needs version = N (a positive integer); bump it whenever the protocol changes")
     if not spec.get("stream"):

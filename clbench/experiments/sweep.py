@@ -25,35 +25,34 @@ and seeds that are not a non-empty list of integers.
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
 import itertools
-import json
 import os
 import socket
-import subprocess
 import sys
-import tomllib
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from clbench.core.errors import ClbenchError, warn
-from clbench.core.progress import quiet
-from clbench.core.registry import LOADED_PLUGINS
-from clbench.experiments.store import Store
+import tomllib
 
+from clbench.core.errors import ClbenchError, unknown_key, warn
+from clbench.core.registry import LOADED_PLUGINS
+from clbench.experiments.batching import parse_batch, sweep_outcomes
+from clbench.experiments.cells import (  # noqa: F401
+    SYNTHETIC_CACHE_MB,
+    cell_id,
+    cell_record,
+    cell_stream,
+    cell_stream_args,
+    cell_stream_key,
+    exit_with_parent,
+    git_commit,
+    run_cell,
+)
+from clbench.experiments.store import Store
 
 TOP_KEYS = ("seeds", "device", "stream", "strategy")
 ENTRY_KEYS = {"stream": ("name", "args", "model", "model_args"), "strategy": ("name", "args")}
-
-
-def _unknown_key(key: str, known: tuple[str, ...], where: str) -> ClbenchError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ClbenchError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(known)})")
 
 
 def _is_int(v: Any) -> bool:
@@ -67,7 +66,7 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
         raise ClbenchError(f"{source}: a sweep is a table of seeds, device, [[stream]] and [[strategy]]")
     for key in spec:
         if key not in TOP_KEYS:
-            raise _unknown_key(key, TOP_KEYS, source)
+            raise unknown_key(key, TOP_KEYS, source)
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         raise ClbenchError(f"{source}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; "
@@ -86,7 +85,7 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
             where = f"{source}: [[{kind}]] entry {k}"
             for key in entry:
                 if key not in known:
-                    raise _unknown_key(key, known, where)
+                    raise unknown_key(key, known, where)
             name = entry.get("name")
             if not isinstance(name, str) or not name:
                 raise ClbenchError(f"{where} has no name; add name = \"...\" (see `clbench list`)")
@@ -104,7 +103,7 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
     return spec
 
 
-def _axes(args: dict[str, Any] | None) -> list[dict[str, Any]]:
+def axes(args: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Expand list-valued arguments into the grid of their combinations."""
     args = args or {}
     keys = sorted(args)
@@ -118,18 +117,12 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     seeds = spec.get("seeds", [0])
     cells = []
     for stream, strategy in itertools.product(spec["stream"], spec["strategy"]):
-        for s_args, t_args, seed in itertools.product(_axes(stream.get("args")), _axes(strategy.get("args")), seeds):
+        for s_args, t_args, seed in itertools.product(axes(stream.get("args")), axes(strategy.get("args")), seeds):
             cell = {"stream": stream["name"], "stream_args": s_args, "strategy": strategy["name"],
                     "strategy_args": t_args, "model": stream.get("model"), "model_args": stream.get("model_args", {}),
                     "seed": int(seed)}
             cells.append(cell)
     return cells
-
-
-def cell_id(cell: dict[str, Any]) -> str:
-    """Readable and stable: stream, strategy, seed and a hash of the whole canonical config."""
-    digest = hashlib.sha1(json.dumps(cell, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{cell['stream']}--{cell['strategy']}--s{cell['seed']}--{digest}"
 
 
 def load_spec(path: str | os.PathLike) -> dict[str, Any]:
@@ -145,90 +138,6 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
     return check_spec(spec, f"sweep file {path}")
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cell_stream_args(cell: dict[str, Any]) -> dict[str, Any]:
-    """A cell's stream arguments, seeded by the cell's seed unless they give one."""
-    from clbench.core.registry import arguments, lookup
-
-    stream_args = dict(cell["stream_args"])
-    if "seed" in arguments(lookup("stream", cell["stream"])):
-        stream_args.setdefault("seed", cell["seed"])
-    return stream_args
-
-
-def cell_stream_key(cell: dict[str, Any]) -> str:
-    """Equal for cells that run on the same stream (name, arguments with the seed, split)."""
-    return json.dumps([cell["stream"], cell_stream_args(cell), cell.get("split")], sort_keys=True, default=str)
-
-
-_SYNTHETIC: "OrderedDict[str, Any]" = OrderedDict()  # key -> stream, least recently used first
-SYNTHETIC_CACHE_MB = 256
-
-
-def cell_stream(cell: dict[str, Any]):
-    """The stream a cell runs on: built from its arguments, then a suite's validation or task-range split.
-
-    Synthetic streams (no data files: a pure function of their arguments) are kept per process, up to
-    SYNTHETIC_CACHE_MB, so that the cells of a sweep that share one (every strategy at a grid point and
-    seed) build it once per worker; streams read from files are built each time."""
-    import clbench
-
-    key = cell_stream_key(cell)
-    if key in _SYNTHETIC:
-        _SYNTHETIC.move_to_end(key)
-        return _SYNTHETIC[key]
-    stream = clbench.make_stream(cell["stream"], **cell_stream_args(cell))
-    if cell.get("split"):  # clbench.experiments.suite
-        from clbench.experiments.suite import split_stream
-
-        stream = split_stream(stream, cell["split"])
-    if stream.provenance.get("dataset") == "synthetic":
-        _SYNTHETIC[key] = stream
-        while sum(_stream_bytes(s) for s in _SYNTHETIC.values()) > SYNTHETIC_CACHE_MB * 2**20:
-            _SYNTHETIC.popitem(last=False)
-    return stream
-
-
-def _stream_bytes(stream: Any) -> int:
-    return sum(x.numel() * x.element_size() for t in stream.tasks for x in (t.train_x, t.train_y, t.test_x, t.test_y))
-
-
-def cell_record(result: Any, cell: dict[str, Any], commit: str | None, executor: str) -> dict[str, Any]:
-    """What the store keeps of a cell's result: the result, its id and cell, the commit and the worker."""
-    record = {f.name: getattr(result, f.name) for f in fields(result)}  # as to_dict, without its deep copy
-    record.update(id=cell_id(cell), cell=cell, git_commit=commit,
-                  worker={"executor": executor, "host": socket.gethostname(), "pid": os.getpid()})
-    return record
-
-
-def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, commit: str | None = None,
-             executor: str = "local", plugins: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run one cell and return its record (the caller stores it). Runs in worker processes and Ray tasks too."""
-    import torch
-
-    import clbench
-    from clbench.core.registry import load_plugin
-
-    for plugin in plugins:  # a fresh worker knows only the built-in names
-        load_plugin(plugin)
-    if threads:
-        torch.set_num_threads(threads)
-    with quiet():  # the sweep's own bar reports progress
-        stream = cell_stream(cell)
-        strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
-        result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
-                             device=device, seed=cell["seed"], progress=False, config={"cell": cell})
-    return cell_record(result, cell, commit, executor)
-
-
 Outcome = tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | None"]  # cell, record, error
 
 
@@ -240,52 +149,11 @@ def _serial(todo: list[dict[str, Any]], device: str, commit: str | None, threads
             yield cell, None, e
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when the sweep process that started it dies (even by SIGKILL).
-
-    On Linux the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG); everywhere, a daemon
-    thread also checks once a second that the parent is still this process's parent, and exits if not.
-    """
-    import threading
-    import time
-
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        except (OSError, AttributeError):
-            pass
-    first = os.getppid()  # the sweep process (fork, spawn) or a fork server that it started
-
-    def orphaned() -> bool:
-        if os.getppid() != first:
-            return True
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass
-        return False
-
-    if orphaned():  # the parent died before the lines above
-        os._exit(1)
-
-    def watch() -> None:
-        while not orphaned():
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="clbench-parent-watch", daemon=True).start()
-
-
 def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
                threads: int | None) -> Iterator[Outcome]:
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     plugins = tuple(LOADED_PLUGINS)
-    with ProcessPoolExecutor(jobs, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(jobs, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}
         for future in as_completed(futures):
             error = future.exception()
@@ -353,11 +221,10 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     ``threads``: torch threads per run (default: this process's for one job, cores / jobs for several,
     ``cpus_per_run`` on Ray). Same seed and same thread count give the same R bit for bit on CPU.
     ``batch`` (processes only): ``"auto"`` trains compatible cells together as one batched model
-    (clbench.batched.run), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the same.
+    (clbench.batched), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the same.
     """
     from tqdm.auto import tqdm
 
-    from clbench.batched.run import parse_batch, sweep_outcomes
     from clbench.core.registry import check_arguments, lookup
 
     if executor not in ("processes", "ray"):

@@ -69,8 +69,8 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
         raise ClbenchError("tuning needs Optuna; install it with: pip install optuna") from None
     from tqdm.auto import tqdm
 
-    from clbench.experiments import sweep
     from clbench.core.registry import check_arguments, lookup
+    from clbench.experiments import sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     proto = protocol(suite.spec)

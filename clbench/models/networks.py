@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from clbench.core.errors import ClbenchError
-from clbench.core.registry import check_arguments, lookup, register_model
+from clbench.core.registry import build_model, register_model  # noqa: F401  (build_model: its old home)
+from clbench.core.strategy import count_parameters  # noqa: F401
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 
@@ -62,18 +62,5 @@ def mlp(
                         p.normal_(0.0, 1.0 / layer.in_features)
     return nn.Sequential(*layers)
 
-
-def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, **args: Any) -> nn.Module:
-    """Build a registered model, checking its arguments."""
-    builder = lookup("model", name)
-    return builder(tuple(input_shape), int(num_outputs), **check_arguments("model", name, builder, args))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of scalar parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-from clbench.models import vision as vision_models# noqa: E402,F401  (registers resnet18-reduced, vit-tiny)
 
 __all__ = ["build_model", "count_parameters", "linear", "mlp"]

@@ -21,7 +21,7 @@ TIME_COLUMNS = ["wall_time_s_mean", "wall_time_s_ci95", "peak_memory_mb_mean", "
 SUITE_COLUMNS = ["suite", "suite_version", "protocol_hash", "tuned", "tuning_trials", "validation_score"]
 KEYS = ["stream", "stream_args", "strategy", "strategy_args", "model", "model_args"]
 # two-sided 95% Student-t quantiles for 1..30 degrees of freedom; 1.96 beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
@@ -30,7 +30,7 @@ def ci95(values: pd.Series) -> float:
     v = values.dropna().to_numpy(dtype=float)
     if len(v) < 2:
         return float("nan")
-    t = _T95[len(v) - 2] if len(v) - 1 <= len(_T95) else 1.96
+    t = T95[len(v) - 2] if len(v) - 1 <= len(T95) else 1.96
     return float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 
 from clbench.core.errors import ClbenchError
-from clbench.reporting.leaderboard import _T95, ci95
+from clbench.reporting.leaderboard import T95, ci95
 
 
 def _t95(df: int) -> float:
-    return _T95[df - 1] if df <= len(_T95) else 1.96
+    return T95[df - 1] if df <= len(T95) else 1.96
 
 
 def paired_tied(best: pd.Series, other: pd.Series) -> bool | None:
@@ -197,9 +197,8 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
     else the per-config leaderboard rows."""
     from pathlib import Path
 
-    from clbench.reporting import leaderboard
-    from clbench.reporting import plots
     from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard, plots
 
     store = Store(store_dir)
     runs = leaderboard.runs_table(store)
@@ -235,8 +234,7 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
 
 
 def _csv_chart(table: pd.DataFrame, output: str) -> None:
-    from clbench.reporting import leaderboard
-    from clbench.reporting import plots
+    from clbench.reporting import leaderboard, plots
 
     fd, csv = tempfile.mkstemp(suffix=".csv")
     os.close(fd)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from clbench.core.errors import ClbenchError
+from clbench.streams.teacher_student import theory
 
 NS, NX, NY, ETA = 30, 3000, 10, 1e-3
 SIZES: dict[str, dict[str, Any]] = {
@@ -39,9 +40,9 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # --- theory (the paper's closed forms; L2 from the authors' lst_wn_theory.py) -------------------------------
 def vanilla_theory(rho_a, rho_b):
-    """Transfer rho_a (2 rho_b - rho_a), retention 1 - rho_a^2 (rho_a^2 - 2 rho_a rho_b + 1) (Nx -> infinity)."""
-    rho_a, rho_b = np.asarray(rho_a, float), np.asarray(rho_b, float)
-    return rho_a * (2 * rho_b - rho_a), 1 - rho_a**2 * (rho_a**2 - 2 * rho_a * rho_b + 1)
+    """(transfer, retention) of :func:`clbench.streams.teacher_student.theory`, on arrays."""
+    closed = theory(np.asarray(rho_a, float), np.asarray(rho_b, float))
+    return closed["transfer"], closed["retention"]
 
 
 def gating_theory(rho_a, rho_b, alpha):
@@ -316,7 +317,7 @@ def permuted_latent(cfg: dict, base: dict) -> dict:
     ``clbench.run``, with the authors' network and optimiser (pm/pm_vanilla_perm1.py): 784-1500-10 ReLU,
     weights and biases N(0, 1/fan_in^2), plain SGD, batch 300 unshuffled, MSE; any derangement of the
     chosen pixels and task 1 a partial permutation of the raw images. Scores 1 - error/error_at_init."""
-    from clbench import make_stream, make_strategy, run
+    from clbench import make_strategy, make_stream, run
 
     pm = cfg["mnist"]
     if pm is None:

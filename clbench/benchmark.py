@@ -49,8 +49,8 @@ def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settin
 def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
     """Runs of ``store_dir`` and of the suite's committed results (the store's win on duplicates); a store made
     under another protocol is an error."""
-    from clbench.reporting.leaderboard import runs_table
     from clbench.experiments.store import Store
+    from clbench.reporting.leaderboard import runs_table
 
     frames = []
     for where in dict.fromkeys([Path(store_dir).resolve(), suite.results_dir.resolve()]):

@@ -94,8 +94,8 @@ def _add_pretrain(sub) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from clbench.core.engine import resolve_device
-    from clbench.models.pretrain import pretrain
     from clbench.core.registry import parse_key_values
+    from clbench.models.pretrain import pretrain
 
     try:
         classes = [int(c) for c in args.classes.split(",")] if args.classes else None
@@ -182,8 +182,8 @@ def _add_sweep(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from clbench.experiments import sweep
     from clbench.core.registry import parse_key_values
+    from clbench.experiments import sweep
     from clbench.experiments.store import Store
 
     if args.file:
@@ -214,7 +214,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_suite_common(p) -> None:
-    p.add_argument("--suite", required=True, help="suite name (suites/NAME.toml) or path of a suite .toml file")
+    p.add_argument("--suite", required=True, help="suite name (see clbench list) or path of a suite .toml file")
     p.add_argument("--strategy", help="comma-separated strategy names (default: every strategy the suite lists)")
     p.add_argument("--store", help="results folder (default: clbench-results/SUITE)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STORE/tuning.db)")
@@ -257,8 +257,8 @@ def _add_benchmark(sub) -> None:
 
 
 def _suite_setup(args: argparse.Namespace):
-    from clbench.experiments import suite as suites
     from clbench.core.registry import load_plugin
+    from clbench.experiments import suite as suites
 
     for plugin in args.suite_plugin:
         load_plugin(plugin)
@@ -288,9 +288,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from clbench.experiments import benchmark
-    from clbench.reporting import report
+    from clbench import benchmark
     from clbench.core.registry import parse_key_values
+    from clbench.reporting import report
 
     suite, names, store = _suite_setup(args)
     out = benchmark.benchmark(suite, names, store, settings=parse_key_values(args.set, "--set"),
@@ -317,8 +317,8 @@ def _add_leaderboard(sub) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from clbench.reporting import leaderboard
     from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard
 
     check_output_file(args.output)
     table = leaderboard.build(Store(args.store, create=False))
@@ -371,9 +371,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from clbench.reporting import leaderboard
-    from clbench.reporting import plots
     from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard, plots
 
     check_output_file(args.output)
     if args.plot_kind == "matrix":
@@ -431,6 +430,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         print()
     print("Every strategy also takes epochs, lr, batch_size, optimizer (default: the strategy's training defaults "
           "where it lists them, else the stream's recommendation).")
+    print()
+    from clbench.experiments import suite as suites
+
+    print(f"SUITES (clbench benchmark --suite NAME; files in {suites.SUITES_DIR})")
+    for path in sorted(suites.SUITES_DIR.glob("*.toml")):
+        s = suites.load(path)
+        print(f"  {s.name:<36} v{s.version}  {s.spec.get('description', '').strip().splitlines()[0][:70]}")
     return 0
 
 
@@ -512,7 +518,7 @@ def _demo(args: argparse.Namespace) -> int:
               f"{list(DEMO_GRID)}^2, {len(DEMO_STRATEGIES)} strategies, seeds {seeds} (exact expected-loss training)")
     bar = tqdm(total=len(cells) * len(DEMO_STRATEGIES) * len(seeds), disable=True if args.quiet else None,
                unit="run", delay=1)
-    from clbench.batched.run import Member, run_batched
+    from clbench.batched import Member, run_batched
 
     grid = list(itertools.product(cells, seeds))
     streams = [clbench.make_stream("teacher-student", rho_a=rho_a, rho_b=rho_b, seed=seed)
@@ -539,9 +545,11 @@ def _demo(args: argparse.Namespace) -> int:
               "task 2;\nscores are 1 - error/error_at_init; retention@(1,0) is the catastrophic corner "
               "rho_a=1, rho_b=0):")
         print(summary.to_string(float_format=lambda v: f"{v:8.3f}"))
+        from clbench.streams.teacher_student import theory
+
+        closed = [theory(a, b) for a, b in cells]
         print(f"\nTheory for finetune (Hiratani 2024), mean over this grid: transfer "
-              f"{np.mean([a * (2 * b - a) for a, b in cells]):.3f}, retention "
-              f"{np.mean([1 - a**2 * (a**2 - 2 * a * b + 1) for a, b in cells]):.3f}")
+              f"{np.mean([c['transfer'] for c in closed]):.3f}, retention {np.mean([c['retention'] for c in closed]):.3f}")
     return 0
 
 

@@ -1,0 +1,365 @@
+"""One batch of compatible members trained in lockstep, and :func:`run_batched`, which groups and chunks them.
+
+Members do not interact: each gets the gradient of its own loss, its own batch order (the engine's, from its
+seed), its own numeric strategy arguments and its own global RNG stream, so every member's R equals the
+engine's separate run up to float rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clbench.batched.adapter import Member, adapter_for, batchable
+from clbench.batched.inputs import DenseInputs, PermutedInputs, distinct_inputs
+from clbench.batched.stacked import Sharing, StackedNet, model_problem
+from clbench.core.engine import (
+    Result,
+    checked_settings,
+    diverged,
+    make_optimizer,
+    make_result,
+    resolve_device,
+    run_config,
+    seed_torch,
+    stream_model,
+)
+from clbench.core.errors import ClbenchError
+from clbench.core.strategy import count_parameters
+from clbench.core.types import Stream
+from clbench.data.transforms import PixelPermutation
+
+DEFAULT_MEMORY_MB = 2048
+
+
+class Group:
+    """B compatible members: stacked model, stacked data, per-member generators and RNG streams."""
+
+    def __init__(self, members: list[Member], models: list[nn.Module], dev: torch.device) -> None:
+        self.B, self.dev = len(members), dev
+        tasks = [[t.to(dev) for t in m.stream.tasks] for m in members]
+        cache: dict = {}
+        distinct = [distinct_inputs(members, tasks, j, cache) for j in range(len(tasks[0]))]
+        # members that share inputs side by side, so each set's stacked weights are one contiguous slice
+        self.order = sorted(range(self.B), key=lambda b: [rows[b] for rows, _, _ in distinct])
+        self.members = [members[b] for b in self.order]
+        self.models = [models[b] for b in self.order]
+        self.tasks = [tasks[b] for b in self.order]
+        self.net = StackedNet(self.models)
+        self.loss_kind = members[0].stream.loss
+        self.rng_states: list[tuple] = [m._rng for m in self.members]
+        self.member_index = torch.arange(self.B, device=dev)[:, None]  # (B, 1), for per-member gathers
+        self.data = [self._stack(j, [rows[b] for b in self.order], train, test)
+                     for j, (rows, train, test) in enumerate(distinct)]
+
+    def _stack(self, j: int, rows: list[int], train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
+        """Task j's distinct inputs (see distinct_inputs); targets and heads stacked per member."""
+        with torch.no_grad():
+            out: dict[str, Any] = {
+                "rows": rows, "rows_index": torch.tensor(rows, device=self.dev),
+                "sharing": Sharing.of(rows, self.dev), "train_x": train, "test_x": test,
+                "eval_sharing": None, "input_order": None,
+                "train_y": torch.stack([self.tasks[b][j].train_y for b in range(self.B)]),
+                "test_y": torch.stack([self.tasks[b][j].test_y for b in range(self.B)])}
+        if isinstance(test, PermutedInputs):  # evaluation reads the shared images, the order folded into the weights
+            out["eval_sharing"] = Sharing.of([test.base_of[r].item() for r in rows], self.dev, least=1)
+            out["input_order"] = test.inverse[out["rows_index"]]
+        heads = [self.tasks[b][j].head for b in range(self.B)]
+        out["head"] = None if heads[0] is None else torch.stack(heads)
+        return out
+
+    def full(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's whole training set of task j, (B, n, ...) (cached)."""
+        d = self.data[j]
+        if "full" not in d:
+            d["full"] = (self.member_rows(d, "train_x"), d["train_y"])
+        return d["full"]
+
+    def member_rows(self, d: dict[str, Any], key: str, part: slice = slice(None)) -> torch.Tensor:
+        """d[key] (distinct inputs) as one row per member, (B, N, ...); the stored tensor itself when it is."""
+        if isinstance(d[key], DenseInputs) and d["rows"] == list(range(self.B)):
+            return d[key].x[:, part]
+        return d[key].take(d["rows_index"], part)
+
+    def rng_key(self, b: int) -> bytes:
+        """Member b's random stream state as bytes (equal for members whose streams are equal)."""
+        cpu, cuda = self.rng_states[b]
+        return cpu.numpy().tobytes() + (b"" if cuda is None else cuda.cpu().numpy().tobytes())
+
+    @contextlib.contextmanager
+    def rng(self, b: int) -> Iterator[None]:
+        """Member b's global RNG stream (as its own run would have it)."""
+        cpu, cuda = self.rng_states[b]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.dev)
+        try:
+            yield
+        finally:
+            self.rng_states[b] = (torch.get_rng_state(),
+                                  torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None)
+
+    def predict(self, x: torch.Tensor, j: int, gates=None, sharing: Sharing | None = None,
+                capture: list | None = None) -> torch.Tensor:
+        return self.head(self.net.forward(x, self.adapter.gates(j) if gates is None else gates, sharing, capture), j)
+
+    def head(self, out: torch.Tensor, j: int) -> torch.Tensor:
+        """All output units (B, N, outputs) -> task j's head."""
+        head = self.data[j]["head"]
+        if head is None:
+            return out
+        return out.gather(2, head[:, None, :].expand(-1, out.shape[1], -1))
+
+    def per_sample_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss_kind == "ce":
+            return F.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none").view(out.shape[:2])
+        return ((out - y) ** 2).mean(2)
+
+    @torch.no_grad()
+    def evaluate(self) -> np.ndarray:
+        row = []
+        for j in range(len(self.data)):
+            d = self.data[j]
+            gates = self.adapter.gates(j)
+            total = torch.zeros(self.B, device=self.dev, dtype=torch.float64)
+            n = d["test_x"].n
+            folded = (None if d["eval_sharing"] is None  # once a task, not once a chunk
+                      else self.net.folded_first(None if gates is None else gates[0], d["input_order"]))
+            for start in range(0, n, 2048):
+                part = slice(start, start + 2048)
+                if folded is not None:
+                    pred = self.head(self.net.forward(d["test_x"].scaled()[:, part], gates, d["eval_sharing"],
+                                                      first_weight=folded), j)
+                else:
+                    x = d["test_x"].x[:, part] if d["sharing"] is not None else self.member_rows(d, "test_x", part)
+                    pred = self.predict(x, j, gates, d["sharing"])
+                y = d["test_y"][:, part]
+                total += ((pred.argmax(2) == y).sum(1) if self.loss_kind == "ce"
+                          else ((pred - y) ** 2).mean(2).sum(1))
+            row.append(total / max(n, 1))
+        return torch.stack(row, 1).cpu().numpy()
+
+    def hook(self, b: int, name: str, *args) -> Any:
+        """Run member b's own hook on its own model, loaded with its current weights."""
+        strategy = self.members[b].strategy
+        self.net.load(b, strategy.model)
+        with self.rng(b):
+            return getattr(strategy, name)(*args)
+
+
+def _batch_sharing(rows: list[int], seeds: list[int], dev: torch.device) -> dict[str, Any]:
+    """Members with the same input row and seed draw the same batch order (their generators are seeded
+    alike and drawn in lockstep), so each such set reads one gathered batch."""
+    keys: dict[tuple[int, int], int] = {}
+    first, batch_of = [], []
+    for b, key in enumerate(zip(rows, seeds)):
+        if key not in keys:
+            keys[key] = len(first)
+            first.append(b)
+        batch_of.append(keys[key])
+    sharing = Sharing.of(batch_of, dev)
+    if sharing is None:  # too little to share: one gathered batch per member
+        first = list(range(len(rows)))
+    return {"first": torch.tensor(first, device=dev), "rows": torch.tensor([rows[b] for b in first], device=dev),
+            "sharing": sharing}
+
+
+def _signature(member: Member, model: nn.Module) -> str:
+    s, stream = member.strategy, member.stream
+    shapes = [(tuple(t.train_x.shape), tuple(t.train_y.shape), tuple(t.test_x.shape), tuple(t.test_y.shape),
+               str(t.train_y.dtype), t.head is None) for t in stream.tasks]
+    return json.dumps([type(s).__module__, type(s).__name__, adapter_for(s).signature(s), s.settings(), shapes,
+                       stream.loss, stream.scenario, [tuple(p.shape) for p in model.parameters()],
+                       [type(m).__name__ for m in model]], default=str)
+
+
+def run_batched(members: list[Member], *, model_name: str | None = None, model_args: dict[str, Any] | None = None,
+                device: str | torch.device = "auto", memory_mb: float | None = None, max_members: int | None = None
+                ) -> list[Result | ClbenchError]:
+    """Train every member, batching compatible ones; returns per member its Result (or the error its run raised).
+
+    Members are grouped by what must match (stream shapes, strategy class and its non-numeric settings,
+    training settings, model); each group runs in batches that fit ``memory_mb`` (default
+    $CLBENCH_BATCH_MEMORY_MB, else 2048) and hold at most ``max_members``. A member that cannot be
+    batched (see :func:`batchable`) raises; use ``clbench.run`` for it.
+    """
+    dev = resolve_device(device)
+    budget = float(memory_mb or os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
+    models, groups = [], {}
+    for k, m in enumerate(members):
+        why = batchable(m.stream, m.strategy)
+        seed_torch(m.seed, dev)  # the engine's order: seed, model, strategy setup
+        model = stream_model(m.stream, model_name, model_args)
+        why = why or model_problem(model)
+        if why:
+            raise ClbenchError(f"member {k} cannot run batched: {why}; run it with clbench.run")
+        model = m.strategy.setup(model.to(dev), m.stream)
+        checked_settings(m.strategy)
+        m._rng = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+        models.append(model)
+        groups.setdefault(_signature(m, model), []).append(k)
+    results: list[Result | ClbenchError | None] = [None] * len(members)
+    for indices in groups.values():
+        for chunk in _chunks(indices, members, models, budget, max_members):
+            for k, r in zip(chunk, _run_group([members[k] for k in chunk], [models[k] for k in chunk], dev)):
+                results[k] = r
+    return results
+
+
+def member_bytes(m: Member, model: nn.Module, seen: set[int]) -> tuple[float, set[int]]:
+    """Estimated memory of one member of a batch that already holds the tasks and images in ``seen`` (ids),
+    and the ids it adds."""
+    cost = 8 * count_parameters(model) * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, model)
+    new: set[int] = set()
+    for t in m.stream.tasks:
+        if id(t) in seen | new:
+            continue
+        new.add(id(t))
+        cost += 4 * (t.train_y.numel() + t.test_y.numel())
+        if type(t.transform) is not PixelPermutation:
+            cost += 4 * (t.train_x.numel() + t.test_x.numel())
+            continue
+        for x, scaled in ((t.train_x, False), (t.test_x, True)):  # images held once, as stored (PermutedInputs)
+            if id(x) not in seen | new:
+                new.add(id(x))
+                cost += x.numel() * (x.element_size() + 4 * scaled)
+    return cost, new
+
+
+def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], budget: float,
+            max_members: int | None) -> Iterator[list[int]]:
+    """Consecutive runs of members whose estimated memory fits the budget (at least one member each)."""
+    chunk, used, seen = [], 0.0, set()
+    for k in indices:
+        cost, new = member_bytes(members[k], models[k], seen)
+        if chunk and (used + cost > budget or (max_members and len(chunk) >= max_members)):
+            yield chunk
+            chunk, used, seen = [], 0.0, set()
+            cost, new = member_bytes(members[k], models[k], seen)
+        chunk.append(k)
+        used, seen = used + cost, seen | new
+    if chunk:
+        yield chunk
+
+
+def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device) -> list[Result | ClbenchError]:
+    g = Group(members, models, dev)
+    members, models, group_order = g.members, g.models, g.order  # in the group's order from here on
+    g.adapter = adapter = adapter_for(members[0].strategy)(g)
+    B, T = g.B, len(g.tasks[0])
+    settings = members[0].strategy.settings()
+    bs = settings["batch_size"]
+    generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
+    all_full = not adapter.order_matters and all(bs >= d["train_x"].n for d in g.data)
+    raw = np.full((B, T + 1, T), np.nan)
+    curves: list[list[list[float]]] = [[] for _ in range(B)]
+    failed: dict[int, ClbenchError] = {}
+    start = time.perf_counter()
+
+    def result(b: int, complete: bool) -> Result:
+        m = members[b]
+        config = run_config(m.stream, m.strategy, settings, dev, m.seed, config=m.config)
+        return make_result(raw[b], m.stream, m.strategy, models[b], config, m.seed, curves[b],
+                           (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B})
+
+    adapter.refresh()
+    raw[:, 0] = g.evaluate()
+    for i in range(T):
+        for b in range(B):
+            g.hook(b, "before_task", g.tasks[b][i])
+        adapter.refresh()
+        seen = g.tasks[0][: i + 1]
+        train_on = [next(k for k, s in enumerate(seen) if s is t)
+                    for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
+        optimizer = make_optimizer(settings["optimizer"], g.net.params, settings["lr"])
+        steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
+        gates = {t: adapter.gates(t) for t in train_on}
+        batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
+        for curve in curves:
+            curve.append([])  # one list of epoch losses per task, as the engine records
+        for epoch in range(settings["epochs"]):
+            # the generators serve batch orders only: with every task of the stream full batch, no order is read
+            orders = {t: None if all_full else torch.stack([
+                torch.randperm(g.data[t]["train_x"].n, device=dev, generator=gen) for gen in generators])
+                for t in train_on}
+            epoch_loss = torch.zeros(B, device=dev)
+            for step in range(steps):
+                loss = torch.zeros(B, device=dev)
+                for t in train_on:
+                    d, order = g.data[t], orders[t]
+                    if bs >= d["train_x"].n and not adapter.order_matters:
+                        # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
+                        # order, so skip the gather (sums differ from the engine's in rounding only)
+                        x, y = (d["train_x"].all(), d["train_y"]) if d["sharing"] is not None else g.full(t)
+                        sharing = d["sharing"]
+                    else:
+                        idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
+                        batch = batches[t]  # members with the same data and seed draw the same batches
+                        x = d["train_x"].take(batch["rows"], idx[batch["first"]])
+                        y = d["train_y"][g.member_index, idx]
+                        sharing = batch["sharing"]
+                    out = g.net.forward(x, gates[t], sharing)
+                    loss = loss + g.per_sample_loss(g.head(out, t), y).mean(1)
+                    penalty = adapter.penalty()
+                    if penalty is not None:
+                        loss = loss + penalty
+                    loss = adapter.extra_loss(x, y, t, loss, out, sharing)
+                for p in g.net.params:
+                    p.grad = None
+                loss.sum().backward()  # members do not interact: each gets its own loss's gradient
+                adapter.after_backward()
+                optimizer.step()
+                adapter.after_step()
+                epoch_loss += loss.detach()
+            mean_loss = (epoch_loss / steps).tolist()
+            for b in range(B):
+                curves[b][-1].append(mean_loss[b])
+                if b not in failed and not math.isfinite(mean_loss[b]):
+                    failed[b] = diverged(mean_loss[b], i, epoch, settings["lr"], result(b, complete=False))
+        adapter.before_after_task()
+        if not adapter.after_task(i):
+            for b in range(B):
+                if b in failed:
+                    continue
+                try:
+                    g.hook(b, "after_task", g.tasks[b][i])
+                except ClbenchError as e:
+                    failed[b] = e
+        adapter.refresh()
+        raw[:, i + 1] = g.evaluate()
+    if hasattr(adapter, "finish"):
+        adapter.finish()
+    for b in range(B):
+        g.net.load(b, members[b].strategy.model)
+    results = [failed[b] if b in failed else result(b, complete=True) for b in range(B)]
+    return [results[group_order.index(k)] for k in range(B)]  # back in the caller's order
+
+
+def run_seeds(stream: Stream, seeds: list[int], *, model_name: str | None = None,
+              model_args: dict[str, Any] | None = None, epochs: int | None = None, lr: float | None = None,
+              batch_size: int | None = None, optimizer: str | None = None, device: str = "auto"
+              ) -> list[dict[str, Any]]:
+    """Finetune on ``stream`` for every seed at once (run_batched with one finetune member per seed); returns per
+    seed ``{"seed", "R", "metrics", "wall_time_s"}``."""
+    from clbench.core.registry import check_arguments, lookup
+
+    if not seeds:
+        raise ClbenchError("run_seeds needs at least one seed")
+    settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer)
+    finetune = lookup("strategy", "finetune")
+    members = [Member(stream, finetune(**check_arguments("strategy", "finetune", finetune, settings)), seed)
+               for seed in seeds]
+    out = []
+    for seed, result in zip(seeds, run_batched(members, model_name=model_name, model_args=model_args, device=device)):
+        if isinstance(result, Exception):
+            raise result
+        out.append({"seed": seed, "R": result.R, "metrics": result.metrics, "wall_time_s": result.wall_time_s})
+    return out

@@ -1,0 +1,143 @@
+"""Sweep cells run in batches: which cells can share one batched run (:func:`plan`), and running them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterator
+
+import torch
+
+from clbench.batched import Member, batchable, run_batched
+from clbench.batched.group import DEFAULT_MEMORY_MB
+from clbench.core.errors import ClbenchError
+from clbench.core.types import Stream
+from clbench.experiments.cells import (
+    cell_record,
+    cell_stream,
+    cell_stream_key,
+    exit_with_parent,
+    run_cell,
+)
+
+TRAINING_KEYS = ("epochs", "lr", "batch_size", "optimizer")
+
+
+def parse_batch(value: str | int) -> str | int:
+    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ClbenchError(f"--batch takes auto, off or a positive integer (members per batch), got {value!r}")
+    return n
+
+
+def _group_key(cell: dict[str, Any]) -> str:
+    """Cells that may share a batch: equal but for the seed and numeric stream/strategy arguments
+    (training settings must match). run_batched splits further by shapes and settings."""
+    wild = lambda args, keep=(): {k: ("#" if isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+                                       and k not in keep else v) for k, v in args.items()}
+    key = {k: v for k, v in cell.items() if k != "seed"}
+    key["stream_args"] = wild(cell["stream_args"], ("seed",))
+    key["strategy_args"] = wild(cell["strategy_args"], TRAINING_KEYS)
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def plan(cells: list[dict[str, Any]], batch: str | int, jobs: int = 1) -> list[list[dict[str, Any]]]:
+    """Cells in batches: compatible cells together, ``batch`` at most (auto: enough batches to keep ``jobs``
+    workers busy). Memory limits are applied when a batch runs (see run_batched)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for cell in cells:
+        groups.setdefault(_group_key(cell), []).append(cell)
+    out = []
+    for group in groups.values():
+        size = batch if isinstance(batch, int) else max(1, math.ceil(len(group) / max(jobs, 1)))
+        out += [group[k:k + size] for k in range(0, len(group), size)]
+    return out
+
+
+def run_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
+              plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> list[tuple]:
+    """Run sweep cells, batching what can be; returns (cell, record, error) per cell, records as run_cell's."""
+    return list(iter_cells(cells, device, threads, commit, plugins, memory_mb))
+
+
+def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
+               plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> Iterator[tuple]:
+    """run_cells, yielding each (cell, record, error) as soon as it is known, so that a sweep stores every
+    finished run before the next one starts (a killed sweep loses only the runs in flight)."""
+    import clbench
+    from clbench.core.registry import load_plugin
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    if threads:
+        torch.set_num_threads(threads)
+    streams: dict[str, Stream] = {}
+    members, single = [], []
+    for cell in cells:
+        try:
+            key = cell_stream_key(cell)
+            if key not in streams:  # cells on the same stream share its data
+                streams[key] = cell_stream(cell)
+            strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
+        except Exception as e:  # noqa: BLE001  (reported per cell, as run_cell's errors are)
+            yield cell, None, e
+            continue
+        if batchable(streams[key], strategy) is None:
+            members.append((cell, Member(streams[key], strategy, cell["seed"], {"cell": cell})))
+        else:
+            single.append(cell)
+    by_model: dict[str, list] = {}
+    for cell, member in members:
+        by_model.setdefault(json.dumps([cell["model"], cell["model_args"]], default=str), []).append((cell, member))
+    for group in by_model.values():
+        cell0 = group[0][0]
+        try:
+            results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
+                                  device=device, memory_mb=memory_mb)
+        except Exception:  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
+            single += [c for c, _ in group]
+            continue
+        for (cell, _), result in zip(group, results):
+            if isinstance(result, Exception):
+                yield cell, None, result
+                continue
+            yield cell, cell_record(result, cell, commit, "local"), None
+    for cell in single:
+        try:
+            record = run_cell(cell, device, commit=commit)
+        except Exception as e:  # noqa: BLE001
+            yield cell, None, e
+            continue
+        yield cell, record, None
+
+
+def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int, batch: str | int,
+                   threads: int | None = None) -> Iterator[tuple]:
+    """What run_sweep stores: (cell, record, error) per cell, batches run in ``jobs`` processes (which exit
+    when the sweep process dies)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from clbench.core.registry import LOADED_PLUGINS
+
+    batches = plan(todo, batch, jobs)
+    budget = float(os.environ.get("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) / jobs
+    if jobs == 1:
+        for cells in batches:
+            yield from iter_cells(cells, device, threads, commit=commit, memory_mb=budget)
+        return
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
+        futures = {pool.submit(run_cells, cells, device, threads, commit, tuple(LOADED_PLUGINS), budget): cells
+                   for cells in batches}
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is None:
+                yield from future.result()
+            else:
+                yield from ((cell, None, error) for cell in futures[future])
