@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from clbench.batched import Adapter, batched_form
-from clbench.core.buffer import last_writers, reservoir_slots
+from clbench.core.buffer import ReservoirBuffer, check_sizes, last_writers, replayed_loss, reservoir_slots
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
@@ -30,44 +30,25 @@ class Replay(Strategy):
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None, **train) -> None:
         super().__init__(**train)
-        for key, value in (("buffer_size", buffer_size), ("replay_batch_size", replay_batch_size)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ClbenchError(f"replay: {key} must be a positive whole number, e.g. {key}=500; got {value!r}")
+        check_sizes("replay", buffer_size=buffer_size, replay_batch_size=replay_batch_size)
         if buffer_size is None:
             raise ClbenchError("replay: buffer_size must be a positive whole number, e.g. buffer_size=500; got None")
         self.buffer_size = buffer_size
         self.replay_batch_size = replay_batch_size
-        self.x = self.y = self.task_ids = None
-        self.filled = self.seen = 0
+        self.buffer = ReservoirBuffer(buffer_size)
         self.tasks: dict[int, Task] = {}
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         loss = super().training_loss(x, y, task)
-        if self.filled:
-            k = min(self.replay_batch_size or len(x), self.filled)
-            pick = torch.randint(0, self.filled, (k,), device=x.device)
-            bx, by, bt = self.x[pick], self.y[pick], self.task_ids[pick]
-            for task_id in bt.unique().tolist():  # tasks may have different heads or gates
-                mask = bt == task_id
-                loss = loss + self.task_loss(self.predict(bx[mask], self.tasks[task_id]), by[mask]) * (
-                    mask.sum() / k)
-        self._add(x.detach(), y, task)
+        if len(self.buffer):
+            k = min(self.replay_batch_size or len(x), len(self.buffer))
+            loss = replayed_loss(self, self.buffer.sample(k), self.tasks, loss)  # each sample through its own task
+        self.tasks[task.id] = task
+        self.buffer.add(x=x.detach(), y=y, task=task.id)
         return loss
 
-    def _add(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> None:
-        self.tasks[task.id] = task
-        if self.x is None:
-            self.x = torch.empty((self.buffer_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            self.y = torch.empty((self.buffer_size, *y.shape[1:]), dtype=y.dtype, device=y.device)
-            self.task_ids = torch.empty(self.buffer_size, dtype=torch.long, device=x.device)
-        n = len(x)
-        slot, source = last_writers(reservoir_slots(self.seen, n, self.buffer_size, x.device), self.buffer_size)
-        self.x[slot], self.y[slot], self.task_ids[slot] = x[source], y[source], task.id
-        self.seen += n
-        self.filled = min(self.seen, self.buffer_size)
-
     def extra_results(self) -> dict:
-        return {"buffer_size": self.buffer_size, "samples_seen": self.seen}
+        return {"buffer_size": self.buffer_size, "memory_samples": len(self.buffer), "samples_seen": self.buffer.seen}
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
@@ -133,7 +114,7 @@ class ReplayAdapter(Adapter):
     def finish(self) -> None:
         """Tell the members what their extra_results report."""
         for m in self.g.members:
-            m.strategy.seen = self.seen
+            m.strategy.buffer.seen = self.seen
 
     def bytes_per_member(self, strategy, stream, model):
         task = stream.tasks[0]

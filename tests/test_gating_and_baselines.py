@@ -76,9 +76,9 @@ def test_replay_reservoir_keeps_a_uniform_sample():
     task = type("T", (), {"id": 0})()
     for start in range(0, 10000, 50):
         x = torch.arange(start, start + 50, dtype=torch.float32).unsqueeze(1)
-        replay._add(x, torch.zeros(50), task)
-    kept = replay.x[:, 0]
-    assert replay.filled == 100 and len(kept.unique()) == 100
+        replay.buffer.add(x=x, y=torch.zeros(50), task=task.id)
+    kept = replay.buffer["x"][:, 0]
+    assert len(replay.buffer) == 100 and len(kept.unique()) == 100
     assert 3500 < float(kept.mean()) < 6500  # uniform over 0..9999 has mean 4999.5, sd of the mean ~290
 
 

@@ -33,18 +33,18 @@ def test_replay_reservoir_matches_one_by_one_sampling():
 
     task = type("T", (), {"id": 0})()
     replay = Replay(buffer_size=8)
-    replay._add(torch.arange(8.0).unsqueeze(1), torch.zeros(8), task)
+    replay.buffer.add(x=torch.arange(8.0).unsqueeze(1), y=torch.zeros(8), task=task.id)
     x = torch.arange(8.0, 808.0).unsqueeze(1)
     torch.manual_seed(0)
-    slots = (torch.rand(800) * torch.arange(9, 809)).long()  # the draws _add makes after the same seed
+    slots = (torch.rand(800) * torch.arange(9, 809)).long()  # the draws add makes after the same seed
     assert len(slots[slots < 8]) > len(slots[slots < 8].unique())  # repeated slots within the batch
-    expected = replay.x.clone()
+    expected = replay.buffer["x"].clone()
     for i, slot in enumerate(slots.tolist()):
         if slot < 8:
             expected[slot] = x[i]
     torch.manual_seed(0)
-    replay._add(x, torch.zeros(800), task)
-    assert torch.equal(replay.x, expected)
+    replay.buffer.add(x=x, y=torch.zeros(800), task=task.id)
+    assert torch.equal(replay.buffer["x"], expected)
 
 
 # --- LwF ----------------------------------------------------------------------------------------------

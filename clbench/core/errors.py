@@ -82,3 +82,12 @@ def cpu_limit(option: str, value: int, what: str) -> int:
         warn(f"{option} {value} is more than the {cores} CPU cores here; using {cores} {what}")
         return cores
     return value
+
+
+def check_weight(name: str, value: object) -> float:
+    """Return a loss weight as float, or raise a ClbenchError unless it is a finite number >= 0."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ClbenchError(f"{name} must be a finite number >= 0, e.g. {name.split(': ')[-1]}=0.5; got {value!r}")
+    return float(value)

@@ -41,8 +41,8 @@ def _describe_owner(obj: Any) -> str:
     return f"{module}.{qualname}" + (f" in {path}" if path and not module.startswith("clbench.") else "")
 
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-NAME_RULE = "letters, digits, '-', '_' and '.', starting with a letter or digit, at most 100 characters"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+NAME_RULE = "letters, digits, '-', '_', '+' and '.', starting with a letter or digit, at most 100 characters"
 
 
 def check_name(kind: str, name: Any) -> str:
