@@ -122,7 +122,13 @@ def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric:
     if f"{metric}_mean" not in table:
         raise ClbenchError(f"{csv} has no column {metric}_mean; pick one of "
                            f"{', '.join(c[:-5] for c in table.columns if c.endswith('_mean'))}")
-    table["label"] = strategy_labels(table)
+    draw_leaderboard(table, output, metric, f"Leaderboard: {os.path.basename(str(csv))}")
+
+
+def draw_leaderboard(table: pd.DataFrame, output: str | os.PathLike, metric: str = "acc",
+                     title: str = "Leaderboard") -> None:
+    """The bar chart of :func:`leaderboard_chart` from a leaderboard table in memory."""
+    table = table.assign(label=strategy_labels(table))
     agg = table.groupby("label").agg(mean=(f"{metric}_mean", "mean"), ci=(f"{metric}_ci95", "mean"))
     agg = agg.sort_values("mean", ascending=higher_is_better(metric))  # the best bar on top
     width = 4.5 + 0.075 * max(len(label) for label in agg.index)  # room for the longest label
@@ -131,6 +137,6 @@ def leaderboard_chart(csv: str | os.PathLike, output: str | os.PathLike, metric:
     better = "higher" if higher_is_better(metric) else "lower"
     ax.set_xlabel(f"{metric} ({better} is better), mean over stream configs\n(error bars: mean 95% CI over seeds)")
     ax.set_ylabel("strategy")
-    fig.suptitle(f"Leaderboard: {os.path.basename(str(csv))}")
+    fig.suptitle(title)
     fig.savefig(output, dpi=120)
     plt.close(fig)

@@ -234,21 +234,9 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
         metric = "acc"
         table = leaderboard.build(store)
         table.insert(0, "row", range(1, len(table) + 1))
-        images["leaderboard chart"] = png_bytes(lambda out: _csv_chart(table, out))
+        images["leaderboard chart"] = png_bytes(lambda out: plots.draw_leaderboard(table.drop(columns=["row"]), out))
     args = runs["stream_args"].map(json.loads)
     if "transfer" in runs and runs["transfer"].notna().any() and args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
         images["transfer and retention over (rho_a, rho_b)"] = png_bytes(lambda out: plots.similarity_maps(runs, out))
     title = title or (f"{suite['name']} v{suite['version']}" if suite else f"Leaderboard: {store_dir}")
     return html_page(table, title, provenance, images, metric), len(table)
-
-
-def _csv_chart(table: pd.DataFrame, output: str) -> None:
-    from clbench.reporting import leaderboard, plots
-
-    fd, csv = tempfile.mkstemp(suffix=".csv")
-    os.close(fd)
-    try:
-        leaderboard.write(table.drop(columns=["row"]), csv)
-        plots.leaderboard_chart(csv, output)
-    finally:
-        os.unlink(csv)
