@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import clbench
-from clbench import ClbenchError
+from clbench import ClbenchError, benchmark
 from clbench.cli import commands as cli
 from clbench.core import metrics
 from clbench.core.io import inside
-from clbench.experiments import benchmark, trials, tune
 from clbench.experiments import suite as suites
+from clbench.experiments import trials, tune
 from clbench.experiments.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
