@@ -1,0 +1,2 @@
+"""Reporting: leaderboard tables (leaderboard), ranked tables, charts and HTML pages (report), and plots
+(plots)."""
