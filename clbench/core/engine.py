@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clbench.core import metrics
+from clbench.core import continual, metrics
 from clbench.core.errors import ClbenchError
 from clbench.models.networks import build_model, count_parameters
 from clbench.core.strategy import Strategy
@@ -42,6 +42,8 @@ class Result:
     versions: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
     complete: bool = True
+    #: continual evaluation (``run(eval_every=K)``): see clbench.core.continual.Recorder.to_dict; else None
+    curves: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,14 +192,20 @@ def run(
     precision: str = "fp32",
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    eval_every: int | None = None,
+    eval_samples: int = continual.EVAL_SAMPLES,
 ) -> Result:
     """Train ``strategy`` on ``stream`` and evaluate every task before and after each task.
 
     ``model`` defaults to the stream's recommended model (``model_name``,
     ``model_args`` override it). Same seed on CPU gives the same R.
+    ``eval_every=K`` also scores the seen tasks and the next one every K training steps on ``eval_samples``
+    test samples a task (continual evaluation, see clbench.core.continual): ``Result.curves`` and the
+    metrics min_acc, wc_acc, wf10, wp10, stability_gap. It does not change training.
     """
     from clbench.core.progress import bar as progress_bar
 
+    eval_every, eval_samples = continual.check_options(eval_every, eval_samples)
     dev = resolve_device(device)
     if precision not in ("fp32", "bf16"):
         raise ClbenchError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -230,12 +238,16 @@ def run(
 
     def result(complete: bool) -> Result:
         R = _scores(raw, stream.loss)
-        return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves, wall_time_s=time.perf_counter() - start,
+        scores = metrics.summary(R) if complete else {}
+        ceval = recorder.to_dict() if recorder else None
+        if ceval and complete:
+            scores.update(metrics.continual_summary(ceval))
+        return Result(R=R.tolist(), metrics=scores, loss_curves=curves, wall_time_s=time.perf_counter() - start,
                       peak_memory_mb=_peak_memory_mb(dev), parameter_count=count_parameters(model),
                       config=config, seed=seed, versions=versions(),
                       extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
                              "raw": _finite(raw.tolist())},
-                      complete=complete)
+                      complete=complete, curves=ceval)
 
     # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
     bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
@@ -243,6 +255,10 @@ def run(
     bar.set_postfix_str("evaluating before training", refresh=False)
     tick = lambda: bar.update(1)  # noqa: E731
     raw[0] = evaluate(strategy, tasks, stream.loss, on_task=tick)
+    recorder = continual.Recorder(strategy, tasks, stream.loss, eval_every, eval_samples, seed) if eval_every else None
+    if recorder:
+        recorder.record(0, 0)
+    global_step = 0
     for i, task in enumerate(tasks):
         bar.set_postfix_str(f"training task {i + 1}/{T}", refresh=False)
         strategy.before_task(task)
@@ -250,6 +266,9 @@ def run(
         optimizer = make_optimizer(settings["optimizer"], strategy.trainable_parameters(), settings["lr"])
         bs = settings["batch_size"]
         steps = max(math.ceil(len(t.train_x) / bs) for t in train_on)
+        task_end = global_step + settings["epochs"] * steps
+        if recorder:
+            recorder.start_task(global_step)
         curve = []
         for epoch in range(settings["epochs"]):
             orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) if settings["shuffle"]
@@ -267,6 +286,9 @@ def run(
                 optimizer.step()
                 strategy.after_step()
                 epoch_loss += loss.detach()
+                global_step += 1
+                if recorder and recorder.due(global_step, task_end):
+                    recorder.record(global_step, i)
             mean_loss = (epoch_loss / steps).item()
             curve.append(mean_loss)
             bar.update(T)
@@ -280,6 +302,8 @@ def run(
                 )
         curves.append(curve)
         strategy.after_task(task)
+        if recorder:
+            recorder.record(global_step, i)
         bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
         raw[i + 1] = evaluate(strategy, tasks, stream.loss, on_task=tick)
     bar.close()
