@@ -17,10 +17,14 @@ A sweep file (TOML)::
     [[strategy]]
     name = "finetune"
 
+    [continual]                          # optional: continual evaluation (clbench.core.continual)
+    eval_every = 50                      # training steps between evaluations
+    eval_samples = 1000                  # test samples a task
+
 Keys are checked, so a file never runs another grid than the one written: an
 unknown key (top level: seeds, device, stream, strategy; [[stream]]: name, args,
 model, model_args; [[strategy]]: name, args) is an error suggesting the nearest
-known one, and so are an entry without a name, an empty axis (``rho_a = []``)
+known one (also in [continual]: eval_every, eval_samples), and so are an entry without a name, an empty axis (``rho_a = []``)
 and seeds that are not a non-empty list of integers.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ from clbench.core.registry import LOADED_PLUGINS
 from clbench.experiments.store import Store
 
 
-TOP_KEYS = ("seeds", "device", "stream", "strategy")
+TOP_KEYS = ("seeds", "device", "stream", "strategy", "continual")
+CONTINUAL_KEYS = ("eval_every", "eval_samples")
 ENTRY_KEYS = {"stream": ("name", "args", "model", "model_args"), "strategy": ("name", "args")}
 
 
@@ -72,6 +77,7 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         raise ClbenchError(f"{source}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; "
                            f"got {seeds!r}")
+    continual_options(spec.get("continual"), source)
     if "device" in spec and not isinstance(spec["device"], str):
         raise ClbenchError(f"{source}: device must be a string such as \"cpu\" or \"cuda\"; got {spec['device']!r}")
     for kind, known in ENTRY_KEYS.items():
@@ -104,6 +110,26 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
     return spec
 
 
+def continual_options(table: Any, source: str = "the sweep") -> dict[str, int]:
+    """A ``[continual]`` table checked: ``{eval_every, eval_samples}`` for ``clbench.run``, or {} when off."""
+    from clbench.core.continual import check_options
+
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise ClbenchError(f"{source}: [continual] must be a table such as {{ eval_every = 50 }}; got {table!r}")
+    for key in table:
+        if key not in CONTINUAL_KEYS:
+            raise _unknown_key(key, CONTINUAL_KEYS, f"{source}: [continual]")
+    if "eval_every" not in table:
+        raise ClbenchError(f"{source}: [continual] needs eval_every = K (training steps between evaluations)")
+    try:
+        every, samples = check_options(table["eval_every"], table.get("eval_samples"))
+    except ClbenchError as e:
+        raise ClbenchError(f"{source}: [continual] {e}") from None
+    return {"eval_every": every, "eval_samples": samples} if every else {}
+
+
 def _axes(args: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Expand list-valued arguments into the grid of their combinations."""
     args = args or {}
@@ -116,12 +142,15 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """All cells of a sweep spec, in a stable order."""
     check_spec(spec)
     seeds = spec.get("seeds", [0])
+    continual = continual_options(spec.get("continual"))
     cells = []
     for stream, strategy in itertools.product(spec["stream"], spec["strategy"]):
         for s_args, t_args, seed in itertools.product(_axes(stream.get("args")), _axes(strategy.get("args")), seeds):
             cell = {"stream": stream["name"], "stream_args": s_args, "strategy": strategy["name"],
                     "strategy_args": t_args, "model": stream.get("model"), "model_args": stream.get("model_args", {}),
                     "seed": int(seed)}
+            if continual:  # only then, so that the ids of other cells stay as they were
+                cell["continual"] = continual
             cells.append(cell)
     return cells
 
@@ -225,7 +254,8 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
         stream = cell_stream(cell)
         strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
         result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
-                             device=device, seed=cell["seed"], progress=False, config={"cell": cell})
+                             device=device, seed=cell["seed"], progress=False, config={"cell": cell},
+                             **cell.get("continual", {}))
     return cell_record(result, cell, commit, executor)
 
 
@@ -383,12 +413,14 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
         return 0, skipped
     if executor == "ray":
         outcomes = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads)
-    elif batch != "off":
-        outcomes = sweep_outcomes(todo, device, commit, jobs, batch, threads)
-    elif jobs > 1:
-        outcomes = _processes(todo, device, commit, jobs, threads)
     else:
-        outcomes = _serial(todo, device, commit, threads)
+        # the batched runner records no continual-evaluation curves: such cells run one by one
+        lockstep = [c for c in todo if batch != "off" and not c.get("continual")]
+        single = [c for c in todo if batch == "off" or c.get("continual")]
+        outcomes = itertools.chain(
+            sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else (),
+            (_processes(single, device, commit, jobs, threads) if jobs > 1 else _serial(single, device, commit, threads))
+            if single else ())
     failures: list[str] = []
     with tqdm(total=len(todo), disable=None if progress else True, unit="run", desc="sweep") as bar:
         for cell, record, error in outcomes:
