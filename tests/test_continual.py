@@ -1,6 +1,7 @@
 """Continual evaluation: the recorded curves (against gradient descent in closed form and against the engine's
 own evaluation) and their metrics (against slow references written from the paper's formulas)."""
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -199,3 +200,90 @@ def test_bad_options_are_clear_errors():
         with pytest.raises(ClbenchError, match=word):
             run(s, make_strategy("finetune", epochs=1), device="cpu", progress=False, **kw)
     assert run(s, make_strategy("finetune", epochs=1), device="cpu", progress=False, eval_every=0).curves is None
+
+
+# --- command line, sweeps, suites, reports -------------------------------------------------------------------------
+
+TS = ["--stream", "teacher-student", "--stream-arg", "tasks=3", "--stream-arg", "input_dim=40",
+      "--stream-arg", "latent_dim=6", "--stream-arg", "rho_a=0.9", "--stream-arg", "rho_b=0.0"]
+
+
+def cli_main(capsys, *args):
+    from clbench.cli import main as cli
+
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_run_records_curves_and_plots_them(tmp_path, capsys):
+    result, png = tmp_path / "r.json", tmp_path / "c.png"
+    code, _, err = cli_main(capsys, "run", *TS, "--strategy-arg", "epochs=12", "--eval-every", "5", "--output",
+                            str(result), "--quiet")
+    assert code == 0, err
+    data = json.loads(result.read_text())
+    assert data["curves"]["step"] == [0, 5, 10, 12, 15, 20, 24, 25, 30, 35, 36]
+    assert data["curves"]["boundaries"] == [0, 12, 24] and data["metrics"]["min_acc"] is not None
+    code, out, err = cli_main(capsys, "plot", "curves", str(result), "--output", str(png))
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cli_main(capsys, "run", *TS, "--strategy-arg", "epochs=2", "--output", str(result), "--quiet")
+    code, _, err = cli_main(capsys, "plot", "curves", str(result), "--output", str(png))
+    assert code == 2 and "no continual-evaluation curves" in err and "--eval-every" in err
+    code, _, err = cli_main(capsys, "run", *TS, "--eval-samples", "10", "--quiet")
+    assert code == 2 and "give --eval-every" in err
+
+
+def test_sweep_with_continual_evaluation_stores_curves_and_leaderboard_columns(tmp_path, capsys):
+    from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard
+
+    common = ["sweep", *TS, "--strategy", "finetune,l2", "--strategy-arg", "epochs=6", "--seeds", "0,1", "--quiet"]
+    code, _, err = cli_main(capsys, *common, "--eval-every", "2", "--eval-samples", "4", "--store", str(tmp_path / "c"))
+    assert code == 0, err
+    records = list(Store(tmp_path / "c").records())
+    assert len(records) == 4 and all(r["cell"]["continual"] == {"eval_every": 2, "eval_samples": 4} for r in records)
+    # the stored curves are the engine's for the same run
+    r = next(r for r in records if r["cell"]["strategy"] == "l2" and r["cell"]["seed"] == 1)
+    stream = make_stream("teacher-student", tasks=3, input_dim=40, latent_dim=6, rho_a=0.9, rho_b=0.0, seed=1)
+    direct = run(stream, make_strategy("l2", epochs=6), device="cpu", seed=1, progress=False, eval_every=2,
+                 eval_samples=4)
+    np.testing.assert_allclose(np.array(r["curves"]["score"], dtype=float), direct.curves["score"], atol=1e-6)
+    board = leaderboard.build(Store(tmp_path / "c"))
+    assert {"min_acc_mean", "min_acc_ci95", "wc_acc_mean"} <= set(board.columns)
+    assert board["min_acc_mean"].notna().all()
+    code, _, err = cli_main(capsys, *common, "--store", str(tmp_path / "plain"))
+    assert code == 0, err
+    assert not {"min_acc_mean", "wc_acc_mean"} & set(leaderboard.build(Store(tmp_path / "plain")).columns)
+
+
+def test_continual_tables_in_sweep_files_and_suites_are_checked(tmp_path):
+    from clbench.experiments import suite as suites
+    from clbench.experiments import sweep
+
+    spec = {"stream": [{"name": "teacher-student"}], "strategy": [{"name": "finetune"}]}
+    with pytest.raises(ClbenchError, match="unknown key 'eval_evry'; did you mean 'eval_every'"):
+        sweep.expand({**spec, "continual": {"eval_evry": 5}})
+    with pytest.raises(ClbenchError, match="eval_samples must be"):
+        sweep.expand({**spec, "continual": {"eval_every": 5, "eval_samples": -1}})
+    assert "continual" not in sweep.expand(spec)[0]  # cells without it keep their ids
+    assert sweep.expand({**spec, "continual": {"eval_every": 5}})[0]["continual"] == {"eval_every": 5,
+                                                                                      "eval_samples": 1000}
+    text = ('version = 1\nseeds = [0]\nmetric = "{metric}"\n{table}\n[[stream]]\nname = "teacher-student"\n'
+            '[[strategy]]\nname = "finetune"\n')
+    path = tmp_path / "s.toml"
+    plain_text = text.format(metric="acc", table="")
+    path.write_text(plain_text)
+    plain = suites.load(path)
+    path.write_text(text.format(metric="wc_acc", table="[continual]\neval_every = 10"))
+    with_curves = suites.load(path)
+    assert with_curves.protocol_hash != plain.protocol_hash
+    cell = suites.cells(with_curves, "finetune", {}, [0], None)[0]
+    assert cell["continual"] == {"eval_every": 10, "eval_samples": 1000}
+    assert "continual" not in suites.cells(plain, "finetune", {}, [0], None)[0]
+    path.write_text(text.format(metric="acc", table="[continual]\neval_every = 10\nsamples = 5"))
+    with pytest.raises(ClbenchError, match="unknown key 'samples'"):
+        suites.load(path)
+    path.write_text(text.format(metric="min_acc", table=""))
+    with pytest.raises(ClbenchError, match="needs continual evaluation"):
+        suites.load(path)
