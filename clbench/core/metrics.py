@@ -6,7 +6,8 @@ after training task i (1-based), column j the score on task j (accuracy, or
 j-1. Definitions: GEM (Lopez-Paz & Ranzato, NeurIPS 2017) for ACC, BWT, FWT;
 Riemannian Walk (Chaudhry et al., ECCV 2018) for ``forgetting`` and
 Avalanche's definition (Lomonaco et al. 2021) for ``forgetting_last``; Hiratani
-(NeurIPS 2024) for two-task transfer and retention.
+(NeurIPS 2024) for two-task transfer and retention. The second half holds the metrics of continual
+evaluation curves (min-ACC, WC-ACC, WF^w, WP^w, the stability gap; De Lange et al., ICLR 2023).
 """
 from __future__ import annotations
 
