@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
+from fake_data import write_idx_dataset
 from torch import nn
 
 from clbench import make_strategy, make_stream, run
 from clbench.core.class_buffer import ClassBalancedBuffer, herding
 from clbench.core.errors import ClbenchError
 from clbench.models.networks import build_model
-from fake_data import write_idx_dataset
 
 SMALL = {"widths": (32,)}
 

@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_data import write_idx_dataset
 
-from clbench import ClbenchError, make_stream, make_strategy, run
+from clbench import ClbenchError, make_strategy, make_stream, run
 from clbench.core.buffer import ReservoirBuffer
 from clbench.models.networks import build_model
-from fake_data import write_idx_dataset
 
 MEMORY = ["a-gem", "der", "der++", "er-ace"]
 

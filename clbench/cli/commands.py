@@ -58,6 +58,27 @@ def _add_run(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's); same seed + same threads = same R bit for bit")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    _add_continual(p)
+
+
+def _add_continual(p) -> None:
+    p.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="continual evaluation: also score the seen tasks and the next one every K training steps "
+                        "(curves in the result; metrics min_acc, wc_acc, wf10, wp10, stability_gap); default off")
+    p.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                   help="test samples a task for --eval-every, a seeded subsample (default 1000)")
+
+
+def _continual(args: argparse.Namespace) -> dict[str, Any]:
+    """The run() options of --eval-every / --eval-samples (empty when off)."""
+    from clbench.core.continual import check_options
+
+    if args.eval_every is None:
+        if args.eval_samples is not None:
+            raise ClbenchError("--eval-samples applies to continual evaluation; give --eval-every K too")
+        return {}
+    every, samples = check_options(args.eval_every, args.eval_samples)
+    return {"eval_every": every, "eval_samples": samples} if every else {}
 
 
 def _add_list(sub) -> None:
@@ -181,6 +202,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--gpus-per-run", type=float, default=None,
                    help="GPUs each Ray task asks for (default 1 with --device cuda, else 0; fractions share a GPU)")
     p.add_argument("--quiet", action="store_true")
+    _add_continual(p)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -200,6 +222,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         spec = sweep.inline_spec(args.stream.split(","), parse_key_values(args.stream_arg, "--stream-arg"),
                                  args.strategy.split(","), parse_key_values(args.strategy_arg, "--strategy-arg"),
                                  seeds)
+    if args.eval_every is not None:  # the command line's wins over the file's [continual]
+        continual = _continual(args)
+        spec.pop("continual", None)
+        if continual:
+            spec["continual"] = continual
     cells = sweep.expand(spec)
     store = Store(args.store)
     device = args.device or spec.get("device", "cpu")
@@ -343,7 +370,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="write PNG plots: a run's matrix, similarity maps, a leaderboard chart")
+    p = sub.add_parser("plot", help="write PNG plots: a run's matrix or continual-evaluation curves, "
+                                       "similarity maps, a leaderboard chart")
     kind = p.add_subparsers(dest="plot_kind", metavar="KIND", parser_class=_Parser, required=True)
     m = kind.add_parser("matrix", help="heatmap of R from a result JSON (clbench run --output)")
     m.add_argument("result")
@@ -352,7 +380,10 @@ def _add_plot(sub) -> None:
     lb = kind.add_parser("leaderboard", help="bar chart of a leaderboard CSV")
     lb.add_argument("csv")
     lb.add_argument("--metric", default="acc")
-    for q in (m, s, lb):
+    c = kind.add_parser("curves", help="each task's score against the training step, from a result JSON of "
+                                       "`clbench run --eval-every K --output FILE.json`; boundaries and gaps marked")
+    c.add_argument("result")
+    for q in (m, s, lb, c):
         q.add_argument("--output", required=True, help="PNG file to write")
 
 
@@ -381,6 +412,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     check_output_file(args.output)
     if args.plot_kind == "matrix":
         plots.accuracy_matrix(args.result, args.output)
+    elif args.plot_kind == "curves":
+        plots.continual_curves(args.result, args.output)
     elif args.plot_kind == "similarity":
         runs = leaderboard.runs_table(Store(args.store, create=False))
         if runs.empty:
@@ -453,6 +486,7 @@ def _single_run(args: argparse.Namespace) -> int:
     if args.output:  # before any work: a result that cannot be written is lost
         check_output_file(args.output)
         check_output_file(partial_path(args.output), "--output (its partial-result file)")
+    continual = _continual(args)
     stream_args = parse_key_values(args.stream_arg, "--stream-arg")
     strategy_args = parse_key_values(args.strategy_arg, "--strategy-arg")
     model_args = parse_key_values(args.model_arg, "--model-arg")
@@ -477,7 +511,7 @@ def _single_run(args: argparse.Namespace) -> int:
     try:
         result = clbench.run(stream, strategy, model_name=args.model, model_args=model_args, device=args.device,
                              seed=args.seed, precision=args.precision, progress=not args.quiet, config=config,
-                             on_row=keep_rows if partial else None)
+                             on_row=keep_rows if partial else None, **continual)
     except clbench.TrainingDiverged as e:
         if partial:
             _save(e.partial, partial)
@@ -570,7 +604,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from clbench.core.errors import cpu_limit
 
         torch.set_num_threads(cpu_limit("--threads", args.threads, "threads"))
-    if not (args.stream or args.strategy or args.model or args.stream_arg or args.strategy_arg or args.model_arg):
+    if not (args.stream or args.strategy or args.model or args.stream_arg or args.strategy_arg or args.model_arg
+            or args.eval_every is not None or args.eval_samples is not None):
         return _demo(args)  # nothing chosen: the demo (a --model-arg alone means a single run, checked as one)
     return _single_run(args)
 

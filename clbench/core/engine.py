@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clbench.core import metrics
+from clbench.core import continual, metrics
 from clbench.core.errors import ClbenchError
 from clbench.core.io import atomic_write
 from clbench.core.registry import build_model
@@ -44,6 +44,8 @@ class Result:
     versions: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
     complete: bool = True
+    #: continual evaluation (``run(eval_every=K)``): see clbench.core.continual.Recorder.to_dict; else None
+    curves: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,10 +241,14 @@ def run_config(stream: Stream, strategy: Strategy, settings: dict[str, Any], dev
 
 def make_result(raw: np.ndarray, stream: Stream, strategy: Strategy, model: nn.Module, config: dict[str, Any],
                 seed: int, curves: list, wall_time_s: float, device: torch.device, complete: bool,
-                extra: dict[str, Any] | None = None) -> Result:
-    """A run's Result from its raw matrix (accuracy or error per task, before scoring)."""
+                extra: dict[str, Any] | None = None, continual_curves: dict[str, Any] | None = None) -> Result:
+    """A run's Result from its raw matrix (accuracy or error per task, before scoring) and, with continual
+    evaluation, its curves (their metrics join the summary of a complete run)."""
     R = scores(raw, stream.loss)
-    return Result(R=R.tolist(), metrics=metrics.summary(R) if complete else {}, loss_curves=curves,
+    summary = metrics.summary(R) if complete else {}
+    if continual_curves and complete:
+        summary.update(metrics.continual_summary(continual_curves))
+    return Result(R=R.tolist(), metrics=summary, loss_curves=curves, curves=continual_curves,
                   wall_time_s=wall_time_s, peak_memory_mb=peak_memory_mb(device),
                   parameter_count=count_parameters(model), config=config, seed=seed, versions=versions(),
                   extra={"uses_task_id_at_test": strategy.uses_task_id_at_test, **strategy.extra_results(),
@@ -269,6 +275,8 @@ def run(
     progress: bool = True,
     config: dict[str, Any] | None = None,
     on_row: Any = None,
+    eval_every: int | None = None,
+    eval_samples: int = continual.EVAL_SAMPLES,
 ) -> Result:
     """Train ``strategy`` on ``stream`` and evaluate every task before and after each task.
 
@@ -278,9 +286,13 @@ def run(
     so an interrupted run keeps its finished tasks. A run whose loss, weights or scores leave what a
     working model can give (NaN, infinity, an accuracy outside [0, 1]) raises TrainingDiverged, whose
     ``partial`` holds the rows before it.
+    ``eval_every=K`` also scores the seen tasks and the next one every K training steps on ``eval_samples``
+    test samples a task (continual evaluation, see clbench.core.continual): ``Result.curves`` and the
+    metrics min_acc, wc_acc, wf10, wp10, stability_gap. It does not change training.
     """
     from clbench.core.progress import bar as progress_bar
 
+    eval_every, eval_samples = continual.check_options(eval_every, eval_samples)
     dev = resolve_device(device)
     if precision not in ("fp32", "bf16"):
         raise ClbenchError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -304,7 +316,7 @@ def run(
 
     def result(complete: bool) -> Result:
         return make_result(raw, stream, strategy, model, config, seed, curves, time.perf_counter() - start, dev,
-                           complete)
+                           complete, continual_curves=recorder.to_dict() if recorder else None)
 
     # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
     bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
@@ -324,7 +336,11 @@ def run(
         if on_row is not None:
             on_row(result(complete=False))
 
+    recorder = continual.Recorder(strategy, tasks, stream.loss, eval_every, eval_samples, seed) if eval_every else None
     add_row(0)
+    if recorder:
+        recorder.record(0, 0)
+    global_step = 0
     for i, task in enumerate(tasks):
         bar.set_postfix_str(f"training task {i + 1}/{T}", refresh=False)
         strategy.before_task(task)
@@ -332,6 +348,9 @@ def run(
         optimizer = make_optimizer(settings["optimizer"], strategy.trainable_parameters(), settings["lr"])
         bs = settings["batch_size"]
         steps = max(math.ceil(len(t.train_x) / bs) for t in train_on)
+        task_end = global_step + settings["epochs"] * steps
+        if recorder:
+            recorder.start_task(global_step)
         curve = []
         for epoch in range(settings["epochs"]):
             orders = [torch.randperm(len(t.train_x), device=dev, generator=generator) if settings["shuffle"]
@@ -349,6 +368,9 @@ def run(
                 optimizer.step()
                 strategy.after_step()
                 epoch_loss += loss.detach()
+                global_step += 1
+                if recorder and recorder.due(global_step, task_end):
+                    recorder.record(global_step, i)
             mean_loss = (epoch_loss / steps).item()
             curve.append(mean_loss)
             bar.update(T)
@@ -361,6 +383,8 @@ def run(
         if why:
             raise fail(why, i)
         strategy.after_task(task)
+        if recorder:
+            recorder.record(global_step, i)
         bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
         add_row(i + 1)
     bar.close()

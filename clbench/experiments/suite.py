@@ -43,6 +43,10 @@ up in a file name, has letters, digits, '-', '_' and '.' only)::
     sampler_seed = 0
     space = { lr = ["log", 0.01, 0.2] }   # optional: searched for every strategy, on top of its own space
 
+    [continual]                       # optional: continual evaluation of every run (clbench.core.continual)
+    eval_every = 50                   # training steps between evaluations; metric may then be min_acc or wc_acc
+    eval_samples = 1000               # test samples a task
+
     [[stream]]                        # one or more; a list-valued argument is a grid axis
     name = "permuted-fashion-mnist"
     args = { tasks = 5 }
@@ -74,13 +78,14 @@ SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"  # package data: an 
 # The committed records live in the repository's leaderboards/ folder (absent from an installed wheel).
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "leaderboards" / "results"
 _TOP = {"name", "version", "description", "seeds", "device", "metric", "training", "validation", "tuning",
-        "stream", "strategy"}
+        "stream", "strategy", "continual"}
 _TABLES = {
     "training": {"epochs", "lr", "batch_size", "optimizer"},
     "validation": {"protocol", "share", "seed", "tasks"},
     "tuning": {"trials", "seeds", "sampler_seed", "space"},
     "stream": {"name", "args", "model", "model_args"},
     "strategy": {"name", "args", "space"},
+    "continual": {"eval_every", "eval_samples"},
 }
 PROTOCOLS = ("holdout", "first-tasks")
 KINDS = ("log", "float", "int", "choice")
@@ -242,7 +247,13 @@ def _check(spec: dict[str, Any], where: str) -> None:
     for entry in spec.get("strategy", []):
         if "space" in entry:
             check_space(entry["space"], f"{where} [[strategy]] {entry['name']}")
-    if spec.get("metric", "acc") not in METRICS:
+    from clbench.core.continual import continual_options
+
+    continual = continual_options(spec.get("continual"), where)
+    metric = spec.get("metric", "acc")
+    if metric in ("min_acc", "wc_acc") and not continual:
+        raise ClbenchError(f"{where}: metric {metric!r} needs continual evaluation; add [continual] eval_every = K")
+    if metric not in METRICS:
         raise ClbenchError(f"{where}: metric {spec['metric']!r} unknown; use one of {', '.join(METRICS)} "
                            "(see clbench.core.metrics)")
 
@@ -255,8 +266,13 @@ def protocol(spec: dict[str, Any]) -> dict[str, Any]:
         val.setdefault("share", 0.1)
         val.setdefault("seed", 0)
     tuning = {"trials": 8, "seeds": [100], "sampler_seed": 0, "space": {}, **spec.get("tuning", {})}
-    return {"streams": spec["stream"], "training": spec.get("training", {}), "seeds": spec["seeds"],
-            "metric": spec.get("metric", "acc"), "validation": val, "tuning": tuning}
+    out = {"streams": spec["stream"], "training": spec.get("training", {}), "seeds": spec["seeds"],
+           "metric": spec.get("metric", "acc"), "validation": val, "tuning": tuning}
+    if spec.get("continual"):  # only then: the hashes of suites without it stay as they were
+        from clbench.core.continual import continual_options
+
+        out["continual"] = continual_options(spec["continual"])
+    return out
 
 
 def protocol_hash(spec: dict[str, Any]) -> str:
@@ -369,6 +385,8 @@ def cells(suite: Suite, strategy: str, strategy_args: dict[str, Any], seeds: lis
     for stream in suite.streams():
         for seed in seeds:
             cell = {**stream, "strategy": strategy, "strategy_args": args, "seed": int(seed), "suite": suite.tag}
+            if "continual" in protocol(suite.spec):
+                cell["continual"] = protocol(suite.spec)["continual"]
             if split is not None:
                 cell["split"] = split
             cell.update(extra or {})

@@ -17,10 +17,14 @@ A sweep file (TOML)::
     [[strategy]]
     name = "finetune"
 
+    [continual]                          # optional: continual evaluation (clbench.core.continual)
+    eval_every = 50                      # training steps between evaluations
+    eval_samples = 1000                  # test samples a task
+
 Keys are checked, so a file never runs another grid than the one written: an
 unknown key (top level: seeds, device, stream, strategy; [[stream]]: name, args,
 model, model_args; [[strategy]]: name, args) is an error suggesting the nearest
-known one, and so are an entry without a name, an empty axis (``rho_a = []``)
+known one (also in [continual]: eval_every, eval_samples), and so are an entry without a name, an empty axis (``rho_a = []``)
 and seeds that are not a non-empty list of integers.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, Iterator
 
 import tomllib
 
+from clbench.core.continual import continual_options
 from clbench.core.errors import ClbenchError, Interrupted, cpu_limit, unknown_key, warn
 from clbench.core.registry import LOADED_PLUGINS
 from clbench.experiments.batching import parse_batch, plan, sweep_outcomes
@@ -54,7 +59,7 @@ from clbench.experiments.cells import (  # noqa: F401
 )
 from clbench.experiments.store import Store
 
-TOP_KEYS = ("seeds", "device", "stream", "strategy")
+TOP_KEYS = ("seeds", "device", "stream", "strategy", "continual")
 ENTRY_KEYS = {"stream": ("name", "args", "model", "model_args"), "strategy": ("name", "args")}
 
 
@@ -74,6 +79,7 @@ def check_spec(spec: Any, source: str = "the sweep") -> dict[str, Any]:
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         raise ClbenchError(f"{source}: seeds must be a non-empty list of integers, e.g. seeds = [0, 1, 2]; "
                            f"got {seeds!r}")
+    continual_options(spec.get("continual"), source)
     if "device" in spec and not isinstance(spec["device"], str):
         raise ClbenchError(f"{source}: device must be a string such as \"cpu\" or \"cuda\"; got {spec['device']!r}")
     for kind, known in ENTRY_KEYS.items():
@@ -118,12 +124,15 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """All cells of a sweep spec, in a stable order."""
     check_spec(spec)
     seeds = spec.get("seeds", [0])
+    continual = continual_options(spec.get("continual"))
     cells = []
     for stream, strategy in itertools.product(spec["stream"], spec["strategy"]):
         for s_args, t_args, seed in itertools.product(axes(stream.get("args")), axes(strategy.get("args")), seeds):
             cell = {"stream": stream["name"], "stream_args": s_args, "strategy": strategy["name"],
                     "strategy_args": t_args, "model": stream.get("model"), "model_args": stream.get("model_args", {}),
                     "seed": int(seed)}
+            if continual:  # only then, so that the ids of other cells stay as they were
+                cell["continual"] = continual
             cells.append(cell)
     return cells
 
@@ -288,13 +297,16 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
     commit = git_commit()
     if executor == "ray":
         outcomes, in_flight = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads), None
-    elif batch != "off":
-        outcomes = sweep_outcomes(todo, device, commit, jobs, batch, threads)
-        in_flight = jobs * max(len(b) for b in plan(todo, batch, jobs))
-    elif jobs > 1:
-        outcomes, in_flight = _processes(todo, device, commit, jobs, threads), jobs
     else:
-        outcomes, in_flight = _serial(todo, device, commit, threads), 1
+        # the batched runner records no continual-evaluation curves: such cells run one by one
+        lockstep = [c for c in todo if batch != "off" and not c.get("continual")]
+        single = [c for c in todo if batch == "off" or c.get("continual")]
+        outcomes = itertools.chain(
+            sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else (),
+            (_processes(single, device, commit, jobs, threads) if jobs > 1 else _serial(single, device, commit, threads))
+            if single else ())
+        in_flight = max(jobs * max((len(b) for b in plan(lockstep, batch, jobs)), default=1) if lockstep else 0,
+                        jobs if single else 0)
     failures: list[str] = []
     stored, rescue, rescued, lost = 0, None, [], []
     last = time.monotonic()

@@ -16,7 +16,8 @@ from clbench.core.errors import ClbenchError
 from clbench.core.io import atomic_write
 from clbench.experiments.store import Store
 
-METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention"]
+METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention", "min_acc", "wc_acc"]
+OPTIONAL = ("transfer", "retention", "min_acc", "wc_acc")  # columns only when some record has them
 COSTS = ["wall_time_s", "peak_memory_mb"]
 TIME_COLUMNS = ["wall_time_s_mean", "wall_time_s_ci95", "peak_memory_mb_mean", "peak_memory_mb_ci95"]
 SUITE_COLUMNS = ["suite", "suite_version", "protocol_hash", "tuned", "tuning_trials", "validation_score"]
@@ -107,8 +108,8 @@ def build(store: Store) -> pd.DataFrame:
                 row[col] = ";".join(sorted(set(group[col].astype(str))))
         rows.append(row)
     table = pd.DataFrame(rows)
-    two_task = table[["transfer_mean", "retention_mean"]].notna().any()
-    drop = [c for m in ("transfer", "retention") if not two_task[f"{m}_mean"] for c in (f"{m}_mean", f"{m}_ci95")]
+    present = table[[f"{m}_mean" for m in OPTIONAL]].notna().any()
+    drop = [c for m in OPTIONAL if not present[f"{m}_mean"] for c in (f"{m}_mean", f"{m}_ci95")]
     if not table["diverged_seeds"].any():
         drop.append("diverged_seeds")  # the column flags rows with diverged seeds, so it is there only then
     return table.drop(columns=drop)

@@ -140,3 +140,48 @@ def draw_leaderboard(table: pd.DataFrame, output: str | os.PathLike, metric: str
     fig.suptitle(title)
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def continual_curves(result_json: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Each task's score against the training step (continual evaluation), task boundaries dashed, and at each
+    boundary the stability gap of every old task drawn from its score before the boundary down to its minimum
+    while the new task trains (the just-finished task's gap labelled)."""
+    from clbench.core import metrics
+
+    result = load_result(result_json)
+    c = result.get("curves")
+    if not isinstance(c, dict) or not all(k in c for k in ("step", "score", "boundaries")):
+        raise ClbenchError(f"{result_json} has no continual-evaluation curves; rerun it with "
+                           "`clbench run ... --eval-every K --output FILE.json`")
+    step = np.asarray(c["step"], dtype=float)
+    score = np.array([[np.nan if v is None else v for v in row] for row in c["score"]], dtype=float)
+    boundaries = np.asarray(c["boundaries"], dtype=float)
+    G = metrics.stability_gaps(step, score, boundaries)
+    T = score.shape[1]
+    colors = plt.get_cmap("tab10" if T <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), layout="constrained")
+    for j in range(T):
+        ax.plot(step, score[:, j], color=colors(j % colors.N), lw=1.3, label=f"task {j + 1}")
+    for k in range(1, T):
+        ax.axvline(boundaries[k], color="0.5", ls="--", lw=0.8)
+        end = boundaries[k + 1] if k + 1 < T else np.inf
+        during = np.flatnonzero((step > boundaries[k]) & (step <= end))
+        for j in range(k):
+            if np.isnan(G[k, j]) or len(during) == 0:
+                continue
+            at = during[np.nanargmin(score[during, j])]
+            ax.annotate("", xy=(step[at], score[at, j]), xytext=(step[at], score[at, j] + G[k, j]),
+                        arrowprops={"arrowstyle": "->", "color": colors(j % colors.N), "lw": 1.0})
+            if j == k - 1:
+                ax.annotate(f"gap {G[k, j]:.2f}", xy=(step[at], score[at, j]), xytext=(-4, -12),
+                            textcoords="offset points", fontsize=8, ha="right", color=colors(j % colors.N))
+    ax.set_xlabel(f"training step (evaluated every {c.get('eval_every', '?')} steps on "
+                  f"{c.get('eval_samples', '?')} test samples a task)")
+    ax.set_ylabel("score (accuracy or 1 - error/error_at_init)")
+    cfg, m = result.get("config", {}), result.get("metrics") or {}
+    fmt = lambda key: "-" if m.get(key) is None else f"{m[key]:.3f}"  # noqa: E731
+    ax.set_title(f"{cfg.get('strategy', '?')} on {cfg.get('stream', '?')}: ACC {fmt('acc')}, "
+                 f"min-ACC {fmt('min_acc')}, WC-ACC {fmt('wc_acc')}, mean gap {fmt('stability_gap')}", fontsize=10)
+    ax.legend(fontsize=8, ncol=min(T, 5), loc="lower right")
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
