@@ -208,7 +208,7 @@ TS = ["--stream", "teacher-student", "--stream-arg", "tasks=3", "--stream-arg", 
 
 
 def cli_main(capsys, *args):
-    from clbench.cli import main as cli
+    from clbench.cli import commands as cli
 
     code = cli.main(list(args))
     out, err = capsys.readouterr()

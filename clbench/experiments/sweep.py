@@ -287,6 +287,13 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     return len(todo), skipped
 
 
+def _one_after_another(*parts) -> Iterator[Outcome]:
+    """The outcomes of each part in turn, each part started when the one before it ends (a generator, so that
+    closing it on Ctrl-C closes the part in flight and its workers)."""
+    for part in parts:
+        yield from part()
+
+
 def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs: int, progress: bool,
                     executor: str, address: str | None, cpus_per_run: float, gpus_per_run: float | None,
                     threads: int | None, batch: str | int) -> list[str]:
@@ -301,10 +308,10 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
         # the batched runner records no continual-evaluation curves: such cells run one by one
         lockstep = [c for c in todo if batch != "off" and not c.get("continual")]
         single = [c for c in todo if batch == "off" or c.get("continual")]
-        outcomes = itertools.chain(
-            sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else (),
-            (_processes(single, device, commit, jobs, threads) if jobs > 1 else _serial(single, device, commit, threads))
-            if single else ())
+        outcomes = _one_after_another(
+            lambda: sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else iter(()),
+            lambda: (_processes(single, device, commit, jobs, threads) if jobs > 1
+                     else _serial(single, device, commit, threads)) if single else iter(()))
         in_flight = max(jobs * max((len(b) for b in plan(lockstep, batch, jobs)), default=1) if lockstep else 0,
                         jobs if single else 0)
     failures: list[str] = []
