@@ -120,6 +120,11 @@ def test_a_leaderboard_averages_and_counts_the_same_seeds_and_flags_diverged_one
     assert row["n_seeds"] == 2 and row["diverged_seeds"] == 1
     assert row["acc_mean"] == pytest.approx(np.mean([r["metrics"]["acc"] for r in records[:2]]))
     assert row["bwt_mean"] == pytest.approx(np.mean([r["metrics"]["bwt"] for r in records[:2]]))
+    from clbench.reporting.report import format_table, ranked
+
+    table = ranked(leaderboard.runs_table(store))
+    assert table.loc[0, "n_seeds"] == 2 and table.loc[0, "diverged_seeds"] == 1
+    assert "1 seed(s) diverged" in format_table(table)
 
 
 def test_a_stale_decoded_cache_is_never_used_for_a_rewritten_file(tmp_path, monkeypatch):

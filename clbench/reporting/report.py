@@ -69,6 +69,8 @@ def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool | Non
         row["wall_time_s_mean"] = float(group["wall_time_s"].mean())
         rows.append(row)
     table = pd.DataFrame(rows)
+    if not table["diverged_seeds"].any():  # the column flags rows with diverged seeds, so it is there only then
+        table = table.drop(columns="diverged_seeds")
     sign = 1 if higher_is_better else -1
     table = table.sort_values(f"{metric}_mean", ascending=not higher_is_better, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
