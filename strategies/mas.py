@@ -34,6 +34,7 @@ from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
 from clbench.core.types import Task
+from clbench.fisher.estimators import StrategyPredict
 from clbench.strategies.ewc import EWCDiag, EWCDiagAdapter
 
 MAS_FORMS = ("accumulated", "per-task")
@@ -94,19 +95,9 @@ def _linear_importance(strategy, task: Task, n: int, batch_size: int) -> torch.T
     return torch.cat([total[id(p)].reshape(-1) for p in params]) / n
 
 
-class _Predict(nn.Module):
-    """strategy.predict as a module, so torch.func can swap the model's parameters."""
-
-    def __init__(self, strategy, task: Task) -> None:
-        super().__init__()
-        self.model, self.strategy, self.task = strategy.model, strategy, task
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.strategy.predict(x, self.task)
-
 
 def _func_importance(strategy, task: Task, n: int, chunk_entries: int = 2**25) -> torch.Tensor:
-    wrapper = _Predict(strategy, task)
+    wrapper = StrategyPredict(strategy, task)
     names = [f"model.{k}" for k, p in strategy.model.named_parameters() if p.requires_grad]
     params = {k: p.detach() for k, p in wrapper.named_parameters() if k in names}
     P = sum(p.numel() for p in params.values())

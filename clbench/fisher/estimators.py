@@ -28,7 +28,7 @@ from clbench.core.types import Task
 FISHER_KINDS = ("true", "empirical")
 
 
-class _Predict(nn.Module):
+class StrategyPredict(nn.Module):
     """Wraps strategy.predict so torch.func can swap the model's parameters."""
 
     def __init__(self, strategy, task: Task) -> None:
@@ -45,7 +45,7 @@ def fisher_rows(strategy, task: Task, samples: int, kind: str = "true", chunk_en
     if kind not in FISHER_KINDS:
         raise ClbenchError(f"fisher must be one of {', '.join(FISHER_KINDS)}, got {kind!r}")
     loss_kind = strategy.stream.loss
-    wrapper = _Predict(strategy, task)
+    wrapper = StrategyPredict(strategy, task)
     names = [f"model.{n}" for n, p in strategy.model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in wrapper.named_parameters() if n in names}
     P = sum(p.numel() for p in params.values())
