@@ -96,6 +96,7 @@ class ActivityGating(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(ActivityGating)
 class ActivityGatingAdapter(Adapter):
     @staticmethod

@@ -203,6 +203,7 @@ class EWCFull(EWCDiag):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(EWCDiag)
 class EWCDiagAdapter(L2Adapter):
     """Per-task EWC's penalties sum_k F_k (theta - theta_k)^2 are one quadratic: F (theta - a)^2 + c with

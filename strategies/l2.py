@@ -66,6 +66,7 @@ class L2(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(L2)
 class L2Adapter(Adapter):
     @staticmethod

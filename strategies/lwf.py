@@ -63,6 +63,7 @@ class LwF(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(LwF)
 class LwFAdapter(Adapter):
     """The members' frozen previous models (their own after_task copies them) stacked; the distillation term

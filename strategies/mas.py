@@ -95,7 +95,6 @@ def _linear_importance(strategy, task: Task, n: int, batch_size: int) -> torch.T
     return torch.cat([total[id(p)].reshape(-1) for p in params]) / n
 
 
-
 def _func_importance(strategy, task: Task, n: int, chunk_entries: int = 2**25) -> torch.Tensor:
     wrapper = StrategyPredict(strategy, task)
     names = [f"model.{k}" for k, p in strategy.model.named_parameters() if p.requires_grad]

@@ -48,6 +48,7 @@ class PlasticityGating(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(PlasticityGating)
 class PlasticityGatingAdapter(Adapter):
     def refresh(self) -> None:

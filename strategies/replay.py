@@ -52,6 +52,7 @@ class Replay(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(Replay)
 class ReplayAdapter(Adapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""

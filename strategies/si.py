@@ -68,6 +68,7 @@ class SynapticIntelligence(Strategy):
 
 # --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
 
+
 @batched_form(SynapticIntelligence)
 class SIAdapter(Adapter):
     def refresh(self) -> None:

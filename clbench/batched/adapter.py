@@ -32,7 +32,6 @@ class Member:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-
 class Adapter:
     """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
 
@@ -85,7 +84,6 @@ class Adapter:
 
 def member_numbers(members: list[Member], attr: str, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(getattr(m.strategy, attr)) for m in members], device=device)
-
 
 
 _ADAPTERS: dict[type, type[Adapter]] = {}

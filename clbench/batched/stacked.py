@@ -208,7 +208,6 @@ def model_problem(model: nn.Module) -> str | None:
     return None
 
 
-
 class Quadratic(torch.autograd.Function):
     """Per member b: sum_j w_bj (theta_bj - anchor_bj)^2 (w = 1 when None), gradient 2 w (theta - anchor):
     the value and its gradient in a few passes over the (B, P) weights, where autograd would make several."""

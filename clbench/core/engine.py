@@ -90,8 +90,6 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
-
-
 def score_problem(raw_row: np.ndarray, loss: str, init: np.ndarray | None = None) -> str | None:
     """Why a row of raw scores (accuracy, or mean squared error for regression) cannot come from a sane
     model, or None: a score that is not finite, an accuracy outside [0, 1], a negative error, or a

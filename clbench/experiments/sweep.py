@@ -300,7 +300,6 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
     """Run ``todo`` and store each record as it comes; returns the failures. See run_sweep."""
     from tqdm.auto import tqdm
 
-
     commit = git_commit()
     if executor == "ray":
         outcomes, in_flight = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads), None
