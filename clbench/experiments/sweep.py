@@ -161,8 +161,9 @@ def _serial(todo: list[dict[str, Any]], device: str, commit: str | None, threads
             yield cell, None, e
 
 
-def _processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
-               threads: int | None) -> Iterator[Outcome]:
+def in_processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
+                 threads: int | None) -> Iterator[Outcome]:
+    """Each cell run in one of ``jobs`` worker processes (see process_pool); outcomes as they finish."""
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     plugins = tuple(LOADED_PLUGINS)
     with process_pool(jobs) as pool:
@@ -309,7 +310,7 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
         single = [c for c in todo if batch == "off" or c.get("continual")]
         outcomes = _one_after_another(
             lambda: sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else iter(()),
-            lambda: (_processes(single, device, commit, jobs, threads) if jobs > 1
+            lambda: (in_processes(single, device, commit, jobs, threads) if jobs > 1
                      else _serial(single, device, commit, threads)) if single else iter(()))
         in_flight = max(jobs * max((len(b) for b in plan(lockstep, batch, jobs)), default=1) if lockstep else 0,
                         jobs if single else 0)

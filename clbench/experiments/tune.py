@@ -189,7 +189,7 @@ def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict
         if executor == "ray":
             outcomes = sweep._ray(todo, device, commit, address, 1.0, None, None)
         elif jobs > 1:
-            outcomes = sweep._processes(todo, device, commit, jobs, None)
+            outcomes = sweep.in_processes(todo, device, commit, jobs, None)
         else:
             outcomes = sweep._serial(todo, device, commit, None)
         scores: dict[int, list[float]] = {t.number: [] for t in batch}
