@@ -32,12 +32,15 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     m = min(int(m), n)
     feats = features if features.is_floating_point() else features.float()
     mu = feats.mean(0)
+    squares = feats.pow(2).sum(1)
     chosen = torch.zeros(n, dtype=torch.bool, device=feats.device)
     total = torch.zeros_like(mu)
     picks = []
     for k in range(1, m + 1):
-        dist = (mu - (total + feats) / k).pow(2).sum(1).masked_fill(chosen, float("inf"))
-        i = dist.argmin()
+        # ||mu - (total + f) / k||^2 = ||c||^2 - 2 f.c / k + ||f||^2 / k^2 with c = mu - total / k: one
+        # matrix-vector product a step and no (n, d) temporary (a fresh one per step fragments the heap)
+        score = (squares / k - 2 * (feats @ (mu - total / k))).masked_fill(chosen, float("inf"))
+        i = score.argmin()
         picks.append(i)
         chosen[i] = True
         total = total + feats[i]
