@@ -7,9 +7,17 @@ Public API::
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+if "torch" not in sys.modules:
+    # OpenMP threads that spin at every barrier waiting for a descheduled sibling make small-tensor training
+    # 10x+ slower on a machine whose cores other processes keep busy; sleeping waiters cost little when it is
+    # quiet (docs/performance.md). Must be set before torch loads its OpenMP runtime; a user's own value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clbench.core.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
 from clbench.core.errors import ClbenchError  # noqa: E402

@@ -1,0 +1,66 @@
+"""How much slower clbench and Avalanche get when other processes keep every core busy.
+
+Runs the same permuted Fashion-MNIST protocol as ``bench_vs_avalanche.py`` (MLP 784-400-400-10, SGD lr 0.05,
+batch 128, one epoch a task) for clbench and for Avalanche 0.6, each in a fresh process, first on a quiet
+machine and then while this script keeps one busy-loop process per core running. clbench is also run with
+``OMP_WAIT_POLICY=ACTIVE`` (OpenMP's spinning waiters, torch's default before clbench sets ``PASSIVE``) to
+show what the setting buys. Prints each wall time and each slowdown (busy / quiet).
+
+    python perf/bench_busy_machine.py [--tasks 2] [--skip-avalanche]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+def timed(side: str, tasks: int, env: dict[str, str]) -> float:
+    """Wall time of one run of ``side`` in a fresh interpreter (so OMP_WAIT_POLICY takes effect)."""
+    code = (f"import sys, json, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, {str(HERE)!r}); "
+            f"import bench_vs_avalanche as b; t, acc = b.{side}_run({tasks}, 1, 'cpu'); print(json.dumps([t, acc]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=2)
+    parser.add_argument("--skip-avalanche", action="store_true", help="time clbench only (Avalanche is slow)")
+    args = parser.parse_args()
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    print(f"{cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"permuted Fashion-MNIST {args.tasks} tasks x 1 epoch, background load: {cores} busy-loop processes")
+    runs = {"clbench": ("clbench", {}), "clbench, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"})}
+    if not args.skip_avalanche:
+        runs["avalanche"] = ("avalanche", {})
+    quiet = {label: timed(side, args.tasks, env) for label, (side, env) in runs.items()}
+    load = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cores)]
+    for p in load:
+        p.start()
+    try:
+        busy = {label: timed(side, args.tasks, env) for label, (side, env) in runs.items()}
+    finally:
+        for p in load:
+            p.terminate()
+    for label in runs:
+        print(f"{label:34s} quiet {quiet[label]:7.1f} s   busy {busy[label]:7.1f} s   "
+              f"slowdown {busy[label] / quiet[label]:5.1f}x")
+
+
+if __name__ == "__main__":
+    main()
