@@ -266,3 +266,11 @@ def test_sweep_batches_cells_into_the_same_records_and_resumes(tmp_path):
     assert {r["extra"].get("batched_members") for r in got.values()} == {2, 12}  # batch=2, then the rest
     with pytest.raises(ClbenchError, match="--batch takes auto, off or a positive integer"):
         sweep.run_sweep(cells, auto, progress=False, batch="0")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_members_at_different_learning_rates_share_one_batch(optimizer):
+    lrs = (0.01, 0.03, 0.1) if optimizer == "sgd" else (0.001, 0.003, 0.01)
+    batched, _ = check("ewc-diag", [{"strength": s, "lr": lr, "optimizer": optimizer}
+                                    for s, lr in zip((0.1, 1.0, 10.0), lrs * 3)], epochs=4)
+    assert {r.config["lr"] for r in batched} == set(lrs)

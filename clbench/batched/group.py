@@ -19,6 +19,7 @@ from torch import nn
 
 from clbench.batched.adapter import Member, adapter_for, batchable
 from clbench.batched.inputs import DenseInputs, PermutedInputs, distinct_inputs
+from clbench.batched.optim import MemberOptimizer
 from clbench.batched.stacked import Sharing, StackedNet, model_problem
 from clbench.core.engine import (
     Result,
@@ -176,7 +177,8 @@ def _signature(member: Member, model: nn.Module) -> str:
     s, stream = member.strategy, member.stream
     shapes = [(tuple(t.train_x.shape), tuple(t.train_y.shape), tuple(t.test_x.shape), tuple(t.test_y.shape),
                str(t.train_y.dtype), t.head is None) for t in stream.tasks]
-    return json.dumps([type(s).__module__, type(s).__name__, adapter_for(s).signature(s), s.settings(), shapes,
+    settings = {k: v for k, v in s.settings().items() if k != "lr"}  # members may train at different rates
+    return json.dumps([type(s).__module__, type(s).__name__, adapter_for(s).signature(s), settings, shapes,
                        stream.loss, stream.scenario, [tuple(p.shape) for p in model.parameters()],
                        [type(m).__name__ for m in model]], default=str)
 
@@ -256,6 +258,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
     g.adapter = adapter = adapter_for(members[0].strategy)(g)
     B, T = g.B, len(g.tasks[0])
     settings = members[0].strategy.settings()
+    lrs = [m.strategy.settings()["lr"] for m in members]
     bs = settings["batch_size"]
     generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
     all_full = not adapter.order_matters and all(bs >= d["train_x"].n for d in g.data)
@@ -266,7 +269,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
 
     def result(b: int, complete: bool) -> Result:
         m = members[b]
-        config = run_config(m.stream, m.strategy, settings, dev, m.seed, config=m.config)
+        config = run_config(m.stream, m.strategy, m.strategy.settings(), dev, m.seed, config=m.config)
         return make_result(raw[b], m.stream, m.strategy, models[b], config, m.seed, curves[b],
                            (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B})
 
@@ -278,7 +281,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
             why = why or score_problem(raw[b, i], members[b].stream.loss, raw[b, 0] if i else None)
             if why and b not in failed:
                 raw[b, i] = np.nan  # the partial result keeps the rows before the divergence
-                failed[b] = diverged(why, max(i - 1, 0), settings["lr"], result(b, complete=False))
+                failed[b] = diverged(why, max(i - 1, 0), lrs[b], result(b, complete=False))
 
     adapter.refresh()
     raw[:, 0] = g.evaluate()
@@ -290,7 +293,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         seen = g.tasks[0][: i + 1]
         train_on = [next(k for k, s in enumerate(seen) if s is t)
                     for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
-        optimizer = make_optimizer(settings["optimizer"], g.net.params, settings["lr"])
+        optimizer = (make_optimizer(settings["optimizer"], g.net.params, lrs[0]) if len(set(lrs)) == 1
+                     else MemberOptimizer(settings["optimizer"], g.net.params, lrs))
         steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
         gates = {t: adapter.gates(t) for t in train_on}
         batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
@@ -335,7 +339,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 curves[b][-1].append(mean_loss[b])
                 if b not in failed and not math.isfinite(mean_loss[b]):
                     failed[b] = diverged(f"the training loss became {mean_loss[b]} in epoch {epoch + 1}", i,
-                                         settings["lr"], result(b, complete=False))
+                                         lrs[b], result(b, complete=False))
         adapter.before_after_task()
         if not adapter.after_task(i):
             for b in range(B):

@@ -14,7 +14,7 @@ from clbench.core.errors import ClbenchError, env_number
 from clbench.core.types import Stream
 from clbench.experiments.cells import cell_record, cell_stream, cell_stream_key, process_pool, run_cell
 
-TRAINING_KEYS = ("epochs", "lr", "batch_size", "optimizer")
+TRAINING_KEYS = ("epochs", "batch_size", "optimizer")  # lockstep: equal in a batch (the learning rate may differ)
 
 
 def parse_batch(value: str | int) -> str | int:
@@ -31,8 +31,9 @@ def parse_batch(value: str | int) -> str | int:
 
 
 def _group_key(cell: dict[str, Any]) -> str:
-    """Cells that may share a batch: equal but for the seed and numeric stream/strategy arguments
-    (training settings must match). run_batched splits further by shapes and settings."""
+    """Cells that may share a batch: equal but for the seed and numeric stream/strategy arguments, the
+    learning rate included (epochs, batch size and optimizer must match). run_batched splits further by
+    shapes and settings."""
     wild = lambda args, keep=(): {k: ("#" if isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
                                        and k not in keep else v) for k, v in args.items()}
     key = {k: v for k, v in cell.items() if k != "seed"}
