@@ -242,7 +242,8 @@ def test_sweep_with_continual_evaluation_stores_curves_and_leaderboard_columns(t
     assert code == 0, err
     records = list(Store(tmp_path / "c").records())
     assert len(records) == 4 and all(r["cell"]["continual"] == {"eval_every": 2, "eval_samples": 4} for r in records)
-    # the stored curves are the engine's for the same run
+    assert all(r["extra"]["batched_members"] == 2 for r in records)  # each strategy's two seeds ran as one batch
+    # the stored curves are the engine's for the same run (batched: to float tolerance)
     r = next(r for r in records if r["cell"]["strategy"] == "l2" and r["cell"]["seed"] == 1)
     stream = make_stream("teacher-student", tasks=3, input_dim=40, latent_dim=6, rho_a=0.9, rho_b=0.0, seed=1)
     direct = run(stream, make_strategy("l2", epochs=6), device="cpu", seed=1, progress=False, eval_every=2,
@@ -286,3 +287,68 @@ def test_continual_tables_in_sweep_files_and_suites_are_checked(tmp_path):
     path.write_text(text.format(metric="min_acc", table=""))
     with pytest.raises(ClbenchError, match="needs continual evaluation"):
         suites.load(path)
+
+
+# --- the batched path --------------------------------------------------------------------------------------------
+
+CONTINUAL_METRICS = ("min_acc", "wc_acc", "wf10", "wp10", "stability_gap")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread avoids the thread-pool overhead that dominates them on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def batched_against_engine(specs, eval_every, eval_samples, atol=1e-5, **model):
+    """specs: (stream, strategy name, its arguments, seed) per member; the batched curves against each member's
+    own engine run."""
+    from clbench.batched import Member, run_batched
+
+    members = [Member(stream, make_strategy(name, **args), seed) for stream, name, args, seed in specs]
+    batched = run_batched(members, device="cpu", eval_every=eval_every, eval_samples=eval_samples, **model)
+    for (stream, name, args, seed), got in zip(specs, batched):
+        assert not isinstance(got, Exception), got
+        want = run(stream, make_strategy(name, **args), device="cpu", seed=seed, progress=False,
+                   eval_every=eval_every, eval_samples=eval_samples, **model)
+        assert got.extra["batched_members"] == len(specs)
+        for key in ("step", "boundaries", "eval_every", "eval_samples"):
+            assert got.curves[key] == want.curves[key], key
+        np.testing.assert_allclose(np.array(got.curves["score"], dtype=float),
+                                   np.array(want.curves["score"], dtype=float), atol=atol, rtol=0)
+        if "error_at_init" in want.curves:
+            np.testing.assert_allclose(got.curves["error_at_init"], want.curves["error_at_init"], rtol=1e-6)
+        for key in CONTINUAL_METRICS:
+            assert got.metrics[key] == pytest.approx(want.metrics[key], abs=atol), key
+    assert len({round(r.metrics["stability_gap"], 6) for r in batched}) > 1  # the members really differ
+    return batched
+
+
+def test_batched_curves_equal_each_members_engine_curves_regression(one_thread):
+    """ewc-diag at three strengths on three (rho_a, rho_b) points and seeds of the teacher-student (MSE): the
+    steps, boundaries, scores and every derived metric of each member are those of its own run."""
+    def ts(a, b, seed):
+        return make_stream("teacher-student", rho_a=a, rho_b=b, input_dim=60, latent_dim=8, output_dim=3, tasks=3,
+                           mode="sampled", samples=200, seed=seed)
+
+    kw = {"epochs": 3, "batch_size": 32}  # 7 steps a task: evaluations at every 4th step and at task ends
+    specs = [(ts(a, b, seed), "ewc-diag", {"strength": s, **kw}, seed)
+             for (a, b), seed, s in (((0.0, 1.0), 0, 0.1), ((0.5, 0.5), 1, 1.0), ((1.0, 0.0), 2, 10.0),
+                                     ((0.5, 0.5), 1, 10.0))]
+    batched = batched_against_engine(specs, eval_every=4, eval_samples=50)
+    assert batched[0].curves["boundaries"] == [0, 21, 42] and batched[0].curves["step"][:3] == [0, 4, 8]
+
+
+@pytest.mark.parametrize("name,scenario,args", [("replay", "task", {"buffer_size": 60}),
+                                                ("activity-gating", "domain", {})])
+def test_batched_curves_equal_each_members_engine_curves_classification(mnist_root, name, scenario, args, one_thread):
+    """Permuted images (cross-entropy): task heads selected after one forward (replay, whose batches depend on
+    the order), and one forward per task for task gates (activity gating); members differ in seed and
+    rho_a, and share stored images."""
+    kw = {"epochs": 2, "batch_size": 32, "lr": 0.05}
+    specs = [(make_stream("permuted-mnist", tasks=3, root=mnist_root, seed=seed, scenario=scenario, rho_a=rho_a),
+              name, {**args, **kw}, seed) for seed, rho_a in ((0, 0.5), (1, 0.5), (0, 0.0))]
+    batched_against_engine(specs, eval_every=3, eval_samples=40, model_name="mlp", model_args={"widths": (32, 32)})
