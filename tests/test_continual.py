@@ -3,6 +3,7 @@ own evaluation) and their metrics (against slow references written from the pape
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -352,3 +353,107 @@ def test_batched_curves_equal_each_members_engine_curves_classification(mnist_ro
     specs = [(make_stream("permuted-mnist", tasks=3, root=mnist_root, seed=seed, scenario=scenario, rho_a=rho_a),
               name, {**args, **kw}, seed) for seed, rho_a in ((0, 0.5), (1, 0.5), (0, 0.0))]
     batched_against_engine(specs, eval_every=3, eval_samples=40, model_name="mlp", model_args={"widths": (32, 32)})
+
+
+# --- reports of continual sweeps and suites -----------------------------------------------------------------------
+
+GRID_ARGS = ["--stream", "teacher-student", "--stream-arg", "tasks=2", "--stream-arg", "input_dim=40",
+             "--stream-arg", "latent_dim=6", "--stream-arg", "rho_a=0.5,1.0", "--stream-arg", "rho_b=0.0,1.0"]
+
+
+def test_plot_similarity_draws_the_stability_gap_map_of_a_continual_sweep(tmp_path, capsys, one_thread):
+    from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard, plots
+
+    store = tmp_path / "s"
+    code, _, err = cli_main(capsys, "sweep", *GRID_ARGS, "--strategy", "finetune,l2", "--strategy-arg", "epochs=6",
+                            "--seeds", "0,1", "--eval-every", "2", "--eval-samples", "20", "--store", str(store),
+                            "--quiet")
+    assert code == 0, err
+    out = tmp_path / "sim.png"
+    code, printed, err = cli_main(capsys, "plot", "similarity", "--store", str(store), "--output", str(out))
+    assert code == 0, err
+    gap_png = tmp_path / "sim-stability-gap.png"
+    assert str(gap_png) in printed and gap_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each cell of the map: the mean over seeds of the gap recomputed from the stored curves
+    grids = plots.similarity_grids(leaderboard.runs_table(Store(store)), "stability_gap")
+    assert sorted(grids) == ["finetune {epochs: 6}", "l2 {epochs: 6}"]
+    for r in Store(store).records():
+        c = r["curves"]
+        score = np.array(c["score"], dtype=float)
+        assert metrics.stability_gaps(c["step"], score, c["boundaries"])[1, 0] == pytest.approx(
+            r["metrics"]["stability_gap"], abs=1e-12)
+    for label, grid in grids.items():
+        for a in (0.5, 1.0):
+            for b in (0.0, 1.0):
+                gaps = [r["metrics"]["stability_gap"] for r in Store(store).records()
+                        if r["cell"]["strategy"] == label.split()[0] and r["cell"]["stream_args"] == {"tasks": 2, "input_dim": 40,
+                                                                                            "latent_dim": 6, "rho_a": a,
+                                                                                            "rho_b": b}]
+                assert len(gaps) == 2 and grid.loc[a, b] == pytest.approx(np.mean(gaps), abs=1e-12)
+    assert grids["finetune {epochs: 6}"].loc[1.0, 0.0] > grids["finetune {epochs: 6}"].loc[1.0, 1.0]  # the catastrophic corner drops most
+    # a sweep without curves draws no gap map, and asking for one says how to get it
+    plain = tmp_path / "plain"
+    cli_main(capsys, "sweep", *GRID_ARGS, "--strategy", "finetune", "--strategy-arg", "epochs=2", "--store", str(plain),
+             "--quiet")
+    code, printed, err = cli_main(capsys, "plot", "similarity", "--store", str(plain), "--output", str(tmp_path / "p.png"))
+    assert code == 0 and "stability-gap" not in printed and not (tmp_path / "p-stability-gap.png").exists()
+    with pytest.raises(ClbenchError, match="eval_every"):
+        plots.stability_gap_maps(leaderboard.runs_table(Store(plain)), tmp_path / "g.png")
+
+
+CONTINUAL_SUITE = """\
+version = 1
+description = "teacher-student with continual evaluation, for tests"
+seeds = [0, 1]
+metric = "wc_acc"
+[training]
+epochs = 6
+[validation]
+protocol = "holdout"
+share = 0.2
+seed = 3
+[tuning]
+trials = 2
+seeds = [100]
+[continual]
+eval_every = 2
+eval_samples = 20
+[[stream]]
+name = "teacher-student"
+args = { tasks = 2, rho_a = [0.5, 1.0], rho_b = 0.0, input_dim = 40, latent_dim = 6 }
+[[strategy]]
+name = "finetune"
+"""
+
+
+def test_suite_page_with_continual_evaluation_shows_worst_case_columns_in_a_headless_browser(tmp_path, capsys,
+                                                                                             one_thread):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs a headless browser: apt-get install chromium")
+    from clbench.experiments.store import Store
+
+    suite, store, page = tmp_path / "cont.toml", tmp_path / "store", tmp_path / "board.html"
+    suite.write_text(CONTINUAL_SUITE)
+    code, _, err = cli_main(capsys, "benchmark", "--suite", str(suite), "--store", str(store), "--quiet")
+    assert code == 0, err
+    code, _, err = cli_main(capsys, "leaderboard", "--store", str(store), "--output", str(tmp_path / "b.csv"),
+                            "--html", str(page))
+    assert code == 0, err
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert 'data-sorted-by="0"' in dom, proc.stderr[-2000:]  # the page's script ran
+    board = dom.split('id="board"')[1].split("</table>")[0]
+    headers = re.findall(r"<th[^>]*>([^<]+)</th>", board.split("<tbody>")[0])
+    assert {"wc_acc_mean", "min_acc_mean", "stability_gap_mean"} <= set(headers)
+    # the page's min-ACC: the mean over seeds of each seed's mean over the stream configs of the stored metric
+    records = list(Store(store).records())
+    by_seed = [np.mean([r["metrics"]["min_acc"] for r in records if r["cell"]["seed"] == s]) for s in (0, 1)]
+    cells = re.findall(r'<td data-v="([^"]*)"', board.split("<tbody>")[1])
+    assert float(cells[headers.index("min_acc_mean")]) == pytest.approx(np.mean(by_seed), abs=1e-9)
+    assert 'alt="stability gap over (rho_a, rho_b)"' in dom
