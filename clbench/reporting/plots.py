@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Any
 
 import matplotlib
@@ -145,11 +146,11 @@ def stability_gap_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
     for ax in axes.flat[len(grids):]:
         ax.set_visible(False)
     for ax, (label, grid) in zip(axes.flat, grids.items()):
-        image = _grid_panel(ax, grid, label, cmap="magma_r", vmin=low, vmax=high)
+        image = _grid_panel(ax, grid, textwrap.fill(label, 44), cmap="magma_r", vmin=low, vmax=high)
         for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
             ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
                     color="w" if v > low + 0.6 * (high - low) else "k")
-    fig.colorbar(image, ax=axes, label="stability gap (drop of the old task's score, mean over seeds)", shrink=0.8)
+    fig.colorbar(image, ax=axes, label="stability gap (mean over seeds)", shrink=0.8)
     fig.suptitle("Stability gap over task similarity")
     fig.savefig(output, dpi=110)
     plt.close(fig)
