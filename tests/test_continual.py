@@ -457,3 +457,31 @@ def test_suite_page_with_continual_evaluation_shows_worst_case_columns_in_a_head
     cells = re.findall(r'<td data-v="([^"]*)"', board.split("<tbody>")[1])
     assert float(cells[headers.index("min_acc_mean")]) == pytest.approx(np.mean(by_seed), abs=1e-9)
     assert 'alt="stability gap over (rho_a, rho_b)"' in dom
+
+
+def test_committed_stability_gap_records_learn_every_task_and_show_the_readout_effect():
+    """leaderboards/stability-gap.toml's records: every task learned before its gap is read, the stored gap is
+    the one of the stored curves, and the gap grows as readout similarity falls at the same input similarity."""
+    from pathlib import Path
+
+    from clbench.experiments.store import Store
+    from clbench.experiments.sweep import cell_id, expand, load_spec
+
+    root = Path(__file__).resolve().parents[1] / "leaderboards"
+    records = list(Store(root / "results" / "stability-gap", create=False).records())
+    cells = expand(load_spec(root / "stability-gap.toml"))
+    assert sorted(r["id"] for r in records) == sorted(cell_id(c) for c in cells)  # every cell of the file, no other
+    gaps: dict = {}
+    for r in records:
+        assert r["complete"] and r["R"][1][0] > 0.75 and r["R"][2][1] > 0.7  # tasks 1 and 2 learned
+        assert r["extra"]["batched_members"] > 1 and r["config"]["provenance"]["dataset"] == "fashion-mnist"
+        c = r["curves"]
+        G = metrics.stability_gaps(c["step"], np.array(c["score"], dtype=float), c["boundaries"])
+        assert G[1, 0] == pytest.approx(r["metrics"]["stability_gap"], abs=1e-12)
+        key = (r["cell"]["strategy"], r["cell"]["stream_args"]["rho_a"], r["cell"]["stream_args"]["rho_b"])
+        gaps.setdefault(key, []).append(G[1, 0])
+    mean = {k: np.mean(v) for k, v in gaps.items()}
+    assert all(len(v) == 3 for v in gaps.values())
+    for strategy in ("finetune", "ewc-diag", "replay"):
+        for rho_a in (0.0, 0.5, 1.0):
+            assert mean[strategy, rho_a, 0.0] > mean[strategy, rho_a, 1.0]
