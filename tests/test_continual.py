@@ -3,6 +3,7 @@ own evaluation) and their metrics (against slow references written from the pape
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -242,7 +243,8 @@ def test_sweep_with_continual_evaluation_stores_curves_and_leaderboard_columns(t
     assert code == 0, err
     records = list(Store(tmp_path / "c").records())
     assert len(records) == 4 and all(r["cell"]["continual"] == {"eval_every": 2, "eval_samples": 4} for r in records)
-    # the stored curves are the engine's for the same run
+    assert all(r["extra"]["batched_members"] == 2 for r in records)  # each strategy's two seeds ran as one batch
+    # the stored curves are the engine's for the same run (batched: to float tolerance)
     r = next(r for r in records if r["cell"]["strategy"] == "l2" and r["cell"]["seed"] == 1)
     stream = make_stream("teacher-student", tasks=3, input_dim=40, latent_dim=6, rho_a=0.9, rho_b=0.0, seed=1)
     direct = run(stream, make_strategy("l2", epochs=6), device="cpu", seed=1, progress=False, eval_every=2,
@@ -286,3 +288,200 @@ def test_continual_tables_in_sweep_files_and_suites_are_checked(tmp_path):
     path.write_text(text.format(metric="min_acc", table=""))
     with pytest.raises(ClbenchError, match="needs continual evaluation"):
         suites.load(path)
+
+
+# --- the batched path --------------------------------------------------------------------------------------------
+
+CONTINUAL_METRICS = ("min_acc", "wc_acc", "wf10", "wp10", "stability_gap")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread avoids the thread-pool overhead that dominates them on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def batched_against_engine(specs, eval_every, eval_samples, atol=1e-5, **model):
+    """specs: (stream, strategy name, its arguments, seed) per member; the batched curves against each member's
+    own engine run."""
+    from clbench.batched import Member, run_batched
+
+    members = [Member(stream, make_strategy(name, **args), seed) for stream, name, args, seed in specs]
+    batched = run_batched(members, device="cpu", eval_every=eval_every, eval_samples=eval_samples, **model)
+    for (stream, name, args, seed), got in zip(specs, batched):
+        assert not isinstance(got, Exception), got
+        want = run(stream, make_strategy(name, **args), device="cpu", seed=seed, progress=False,
+                   eval_every=eval_every, eval_samples=eval_samples, **model)
+        assert got.extra["batched_members"] == len(specs)
+        for key in ("step", "boundaries", "eval_every", "eval_samples"):
+            assert got.curves[key] == want.curves[key], key
+        np.testing.assert_allclose(np.array(got.curves["score"], dtype=float),
+                                   np.array(want.curves["score"], dtype=float), atol=atol, rtol=0)
+        if "error_at_init" in want.curves:
+            np.testing.assert_allclose(got.curves["error_at_init"], want.curves["error_at_init"], rtol=1e-6)
+        for key in CONTINUAL_METRICS:
+            assert got.metrics[key] == pytest.approx(want.metrics[key], abs=atol), key
+    assert len({round(r.metrics["stability_gap"], 6) for r in batched}) > 1  # the members really differ
+    return batched
+
+
+def test_batched_curves_equal_each_members_engine_curves_regression(one_thread):
+    """ewc-diag at three strengths on three (rho_a, rho_b) points and seeds of the teacher-student (MSE): the
+    steps, boundaries, scores and every derived metric of each member are those of its own run."""
+    def ts(a, b, seed):
+        return make_stream("teacher-student", rho_a=a, rho_b=b, input_dim=60, latent_dim=8, output_dim=3, tasks=3,
+                           mode="sampled", samples=200, seed=seed)
+
+    kw = {"epochs": 3, "batch_size": 32}  # 7 steps a task: evaluations at every 4th step and at task ends
+    specs = [(ts(a, b, seed), "ewc-diag", {"strength": s, **kw}, seed)
+             for (a, b), seed, s in (((0.0, 1.0), 0, 0.1), ((0.5, 0.5), 1, 1.0), ((1.0, 0.0), 2, 10.0),
+                                     ((0.5, 0.5), 1, 10.0))]
+    batched = batched_against_engine(specs, eval_every=4, eval_samples=50)
+    assert batched[0].curves["boundaries"] == [0, 21, 42] and batched[0].curves["step"][:3] == [0, 4, 8]
+
+
+@pytest.mark.parametrize("name,scenario,args", [("replay", "task", {"buffer_size": 60}),
+                                                ("activity-gating", "domain", {})])
+def test_batched_curves_equal_each_members_engine_curves_classification(mnist_root, name, scenario, args, one_thread):
+    """Permuted images (cross-entropy): task heads selected after one forward (replay, whose batches depend on
+    the order), and one forward per task for task gates (activity gating); members differ in seed and
+    rho_a, and share stored images."""
+    kw = {"epochs": 2, "batch_size": 32, "lr": 0.05}
+    specs = [(make_stream("permuted-mnist", tasks=3, root=mnist_root, seed=seed, scenario=scenario, rho_a=rho_a),
+              name, {**args, **kw}, seed) for seed, rho_a in ((0, 0.5), (1, 0.5), (0, 0.0))]
+    batched_against_engine(specs, eval_every=3, eval_samples=40, model_name="mlp", model_args={"widths": (32, 32)})
+
+
+# --- reports of continual sweeps and suites -----------------------------------------------------------------------
+
+GRID_ARGS = ["--stream", "teacher-student", "--stream-arg", "tasks=2", "--stream-arg", "input_dim=40",
+             "--stream-arg", "latent_dim=6", "--stream-arg", "rho_a=0.5,1.0", "--stream-arg", "rho_b=0.0,1.0"]
+
+
+def test_plot_similarity_draws_the_stability_gap_map_of_a_continual_sweep(tmp_path, capsys, one_thread):
+    from clbench.experiments.store import Store
+    from clbench.reporting import leaderboard, plots
+
+    store = tmp_path / "s"
+    code, _, err = cli_main(capsys, "sweep", *GRID_ARGS, "--strategy", "finetune,l2", "--strategy-arg", "epochs=6",
+                            "--seeds", "0,1", "--eval-every", "2", "--eval-samples", "20", "--store", str(store),
+                            "--quiet")
+    assert code == 0, err
+    out = tmp_path / "sim.png"
+    code, printed, err = cli_main(capsys, "plot", "similarity", "--store", str(store), "--output", str(out))
+    assert code == 0, err
+    gap_png = tmp_path / "sim-stability-gap.png"
+    assert str(gap_png) in printed and gap_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each cell of the map: the mean over seeds of the gap recomputed from the stored curves
+    grids = plots.similarity_grids(leaderboard.runs_table(Store(store)), "stability_gap")
+    assert sorted(grids) == ["finetune {epochs: 6}", "l2 {epochs: 6}"]
+    for r in Store(store).records():
+        c = r["curves"]
+        score = np.array(c["score"], dtype=float)
+        assert metrics.stability_gaps(c["step"], score, c["boundaries"])[1, 0] == pytest.approx(
+            r["metrics"]["stability_gap"], abs=1e-12)
+    for label, grid in grids.items():
+        for a in (0.5, 1.0):
+            for b in (0.0, 1.0):
+                gaps = [r["metrics"]["stability_gap"] for r in Store(store).records()
+                        if r["cell"]["strategy"] == label.split()[0] and r["cell"]["stream_args"] == {"tasks": 2, "input_dim": 40,
+                                                                                            "latent_dim": 6, "rho_a": a,
+                                                                                            "rho_b": b}]
+                assert len(gaps) == 2 and grid.loc[a, b] == pytest.approx(np.mean(gaps), abs=1e-12)
+    assert grids["finetune {epochs: 6}"].loc[1.0, 0.0] > grids["finetune {epochs: 6}"].loc[1.0, 1.0]  # the catastrophic corner drops most
+    # a sweep without curves draws no gap map, and asking for one says how to get it
+    plain = tmp_path / "plain"
+    cli_main(capsys, "sweep", *GRID_ARGS, "--strategy", "finetune", "--strategy-arg", "epochs=2", "--store", str(plain),
+             "--quiet")
+    code, printed, err = cli_main(capsys, "plot", "similarity", "--store", str(plain), "--output", str(tmp_path / "p.png"))
+    assert code == 0 and "stability-gap" not in printed and not (tmp_path / "p-stability-gap.png").exists()
+    with pytest.raises(ClbenchError, match="eval_every"):
+        plots.stability_gap_maps(leaderboard.runs_table(Store(plain)), tmp_path / "g.png")
+
+
+CONTINUAL_SUITE = """\
+version = 1
+description = "teacher-student with continual evaluation, for tests"
+seeds = [0, 1]
+metric = "wc_acc"
+[training]
+epochs = 6
+[validation]
+protocol = "holdout"
+share = 0.2
+seed = 3
+[tuning]
+trials = 2
+seeds = [100]
+[continual]
+eval_every = 2
+eval_samples = 20
+[[stream]]
+name = "teacher-student"
+args = { tasks = 2, rho_a = [0.5, 1.0], rho_b = 0.0, input_dim = 40, latent_dim = 6 }
+[[strategy]]
+name = "finetune"
+"""
+
+
+def test_suite_page_with_continual_evaluation_shows_worst_case_columns_in_a_headless_browser(tmp_path, capsys,
+                                                                                             one_thread):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("needs a headless browser: apt-get install chromium")
+    from clbench.experiments.store import Store
+
+    suite, store, page = tmp_path / "cont.toml", tmp_path / "store", tmp_path / "board.html"
+    suite.write_text(CONTINUAL_SUITE)
+    code, _, err = cli_main(capsys, "benchmark", "--suite", str(suite), "--store", str(store), "--quiet")
+    assert code == 0, err
+    code, _, err = cli_main(capsys, "leaderboard", "--store", str(store), "--output", str(tmp_path / "b.csv"),
+                            "--html", str(page))
+    assert code == 0, err
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert 'data-sorted-by="0"' in dom, proc.stderr[-2000:]  # the page's script ran
+    board = dom.split('id="board"')[1].split("</table>")[0]
+    headers = re.findall(r"<th[^>]*>([^<]+)</th>", board.split("<tbody>")[0])
+    assert {"wc_acc_mean", "min_acc_mean", "stability_gap_mean"} <= set(headers)
+    # the page's min-ACC: the mean over seeds of each seed's mean over the stream configs of the stored metric
+    records = list(Store(store).records())
+    by_seed = [np.mean([r["metrics"]["min_acc"] for r in records if r["cell"]["seed"] == s]) for s in (0, 1)]
+    cells = re.findall(r'<td data-v="([^"]*)"', board.split("<tbody>")[1])
+    assert float(cells[headers.index("min_acc_mean")]) == pytest.approx(np.mean(by_seed), abs=1e-9)
+    assert 'alt="stability gap over (rho_a, rho_b)"' in dom
+
+
+def test_committed_stability_gap_records_learn_every_task_and_show_the_readout_effect():
+    """leaderboards/stability-gap.toml's records: every task learned before its gap is read, the stored gap is
+    the one of the stored curves, and the gap grows as readout similarity falls at the same input similarity."""
+    from pathlib import Path
+
+    from clbench.experiments.store import Store
+    from clbench.experiments.sweep import cell_id, expand, load_spec
+
+    root = Path(__file__).resolve().parents[1] / "leaderboards"
+    records = list(Store(root / "results" / "stability-gap", create=False).records())
+    cells = expand(load_spec(root / "stability-gap.toml"))
+    assert sorted(r["id"] for r in records) == sorted(cell_id(c) for c in cells)  # every cell of the file, no other
+    gaps: dict = {}
+    for r in records:
+        assert r["complete"] and r["R"][1][0] > 0.75 and r["R"][2][1] > 0.7  # tasks 1 and 2 learned
+        assert r["extra"]["batched_members"] > 1 and r["config"]["provenance"]["dataset"] == "fashion-mnist"
+        c = r["curves"]
+        G = metrics.stability_gaps(c["step"], np.array(c["score"], dtype=float), c["boundaries"])
+        assert G[1, 0] == pytest.approx(r["metrics"]["stability_gap"], abs=1e-12)
+        key = (r["cell"]["strategy"], r["cell"]["stream_args"]["rho_a"], r["cell"]["stream_args"]["rho_b"])
+        gaps.setdefault(key, []).append(G[1, 0])
+    mean = {k: np.mean(v) for k, v in gaps.items()}
+    assert all(len(v) == 3 for v in gaps.values())
+    for strategy in ("finetune", "ewc-diag", "replay"):
+        for rho_a in (0.0, 0.5, 1.0):
+            assert mean[strategy, rho_a, 0.0] > mean[strategy, rho_a, 1.0]

@@ -97,7 +97,7 @@ def test_leaderboard_rows_and_confidence_intervals(tmp_path):
     assert list(table.columns[:6]) == leaderboard.KEYS
 
 
-@pytest.mark.parametrize("name", ["teacher_student", "permuted_fashion_mnist"])
+@pytest.mark.parametrize("name", ["teacher_student", "permuted_fashion_mnist", "stability-gap"])
 def test_committed_leaderboards_regenerate_byte_for_byte(tmp_path, name):
     committed = ROOT / "leaderboards" / f"{name}.csv"
     results = ROOT / "leaderboards" / "results" / name

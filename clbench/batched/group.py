@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.batched.adapter import Member, adapter_for, batchable
+from clbench.batched.continual import StackedCurves
 from clbench.batched.inputs import DenseInputs, PermutedInputs, distinct_inputs
 from clbench.batched.optim import MemberOptimizer
 from clbench.batched.stacked import Sharing, StackedNet, model_problem
+from clbench.core import continual
 from clbench.core.engine import (
     Result,
     checked_settings,
@@ -184,15 +186,17 @@ def _signature(member: Member, model: nn.Module) -> str:
 
 
 def run_batched(members: list[Member], *, model_name: str | None = None, model_args: dict[str, Any] | None = None,
-                device: str | torch.device = "auto", memory_mb: float | None = None, max_members: int | None = None
-                ) -> list[Result | ClbenchError]:
+                device: str | torch.device = "auto", memory_mb: float | None = None, max_members: int | None = None,
+                eval_every: int | None = None, eval_samples: int = continual.EVAL_SAMPLES) -> list[Result | ClbenchError]:
     """Train every member, batching compatible ones; returns per member its Result (or the error its run raised).
 
     Members are grouped by what must match (stream shapes, strategy class and its non-numeric settings,
     training settings, model); each group runs in batches that fit ``memory_mb`` (default
     $CLBENCH_BATCH_MEMORY_MB, else 2048) and hold at most ``max_members``. A member that cannot be
-    batched (see :func:`batchable`) raises; use ``clbench.run`` for it.
+    batched (see :func:`batchable`) raises; use ``clbench.run`` for it. ``eval_every``/``eval_samples``: continual
+    evaluation of every member, as ``clbench.run`` takes them (clbench.batched.continual).
     """
+    eval_every, eval_samples = continual.check_options(eval_every, eval_samples)
     dev = resolve_device(device)
     budget = float(memory_mb or env_number("CLBENCH_BATCH_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
     models, groups = [], {}
@@ -210,16 +214,18 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
         groups.setdefault(_signature(m, model), []).append(k)
     results: list[Result | ClbenchError | None] = [None] * len(members)
     for indices in groups.values():
-        for chunk in _chunks(indices, members, models, budget, max_members):
-            for k, r in zip(chunk, _run_group([members[k] for k in chunk], [models[k] for k in chunk], dev)):
+        for chunk in _chunks(indices, members, models, budget, max_members, eval_samples if eval_every else 0):
+            for k, r in zip(chunk, _run_group([members[k] for k in chunk], [models[k] for k in chunk], dev,
+                                              eval_every, eval_samples)):
                 results[k] = r
     return results
 
 
-def member_bytes(m: Member, model: nn.Module, seen: set[int]) -> tuple[float, set[int]]:
+def member_bytes(m: Member, model: nn.Module, seen: set[int], eval_samples: int = 0) -> tuple[float, set[int]]:
     """Estimated memory of one member of a batch that already holds the tasks and images in ``seen`` (ids),
-    and the ids it adds."""
+    and the ids it adds; ``eval_samples``: the test samples a task of its continual evaluation (0: none)."""
     cost = 8 * count_parameters(model) * 4 + adapter_for(m.strategy)(None).bytes_per_member(m.strategy, m.stream, model)
+    cost += StackedCurves.bytes_per_member(m.stream.tasks, eval_samples) if eval_samples else 0
     new: set[int] = set()
     for t in m.stream.tasks:
         if id(t) in seen | new:
@@ -237,22 +243,23 @@ def member_bytes(m: Member, model: nn.Module, seen: set[int]) -> tuple[float, se
 
 
 def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], budget: float,
-            max_members: int | None) -> Iterator[list[int]]:
+            max_members: int | None, eval_samples: int = 0) -> Iterator[list[int]]:
     """Consecutive runs of members whose estimated memory fits the budget (at least one member each)."""
     chunk, used, seen = [], 0.0, set()
     for k in indices:
-        cost, new = member_bytes(members[k], models[k], seen)
+        cost, new = member_bytes(members[k], models[k], seen, eval_samples)
         if chunk and (used + cost > budget or (max_members and len(chunk) >= max_members)):
             yield chunk
             chunk, used, seen = [], 0.0, set()
-            cost, new = member_bytes(members[k], models[k], seen)
+            cost, new = member_bytes(members[k], models[k], seen, eval_samples)
         chunk.append(k)
         used, seen = used + cost, seen | new
     if chunk:
         yield chunk
 
 
-def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device) -> list[Result | ClbenchError]:
+def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device, eval_every: int | None = None,
+               eval_samples: int = continual.EVAL_SAMPLES) -> list[Result | ClbenchError]:
     g = Group(members, models, dev)
     members, models, group_order = g.members, g.models, g.order  # in the group's order from here on
     g.adapter = adapter = adapter_for(members[0].strategy)(g)
@@ -271,7 +278,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         m = members[b]
         config = run_config(m.stream, m.strategy, m.strategy.settings(), dev, m.seed, config=m.config)
         return make_result(raw[b], m.stream, m.strategy, models[b], config, m.seed, curves[b],
-                           (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B})
+                           (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B},
+                           continual_curves=recorder.to_dict(b) if recorder else None)
 
     def check_row(i: int) -> None:  # members diverge independently (see clbench.core.engine.run)
         finite = torch.stack([torch.isfinite(p.detach().reshape(B, -1)).all(1) for p in g.net.params]).all(0)
@@ -284,8 +292,12 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 failed[b] = diverged(why, max(i - 1, 0), lrs[b], result(b, complete=False))
 
     adapter.refresh()
+    recorder = StackedCurves(g, eval_every, eval_samples) if eval_every else None  # the engine's steps and rows
     raw[:, 0] = g.evaluate()
     check_row(0)
+    if recorder:
+        recorder.record(0, 0)
+    global_step = 0
     for i in range(T):
         for b in range(B):
             g.hook(b, "before_task", g.tasks[b][i])
@@ -296,6 +308,9 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         optimizer = (make_optimizer(settings["optimizer"], g.net.params, lrs[0]) if len(set(lrs)) == 1
                      else MemberOptimizer(settings["optimizer"], g.net.params, lrs))
         steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
+        task_end = global_step + settings["epochs"] * steps
+        if recorder:
+            recorder.start_task(global_step)
         gates = {t: adapter.gates(t) for t in train_on}
         batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
         for curve in curves:
@@ -334,6 +349,9 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 optimizer.step()
                 adapter.after_step()
                 epoch_loss += loss.detach()
+                global_step += 1
+                if recorder and recorder.due(global_step, task_end):
+                    recorder.record(global_step, i)
             mean_loss = (epoch_loss / steps).tolist()
             for b in range(B):
                 curves[b][-1].append(mean_loss[b])
@@ -350,6 +368,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 except ClbenchError as e:
                     failed[b] = e
         adapter.refresh()
+        if recorder:
+            recorder.record(global_step, i)
         raw[:, i + 1] = g.evaluate()
         check_row(i + 1)
     if hasattr(adapter, "finish"):

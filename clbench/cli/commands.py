@@ -375,7 +375,8 @@ def _add_plot(sub) -> None:
     kind = p.add_subparsers(dest="plot_kind", metavar="KIND", parser_class=_Parser, required=True)
     m = kind.add_parser("matrix", help="heatmap of R from a result JSON (clbench run --output)")
     m.add_argument("result")
-    s = kind.add_parser("similarity", help="transfer and retention over (rho_a, rho_b) per strategy, from a store")
+    s = kind.add_parser("similarity", help="transfer and retention over (rho_a, rho_b) per strategy, from a store; "
+                                           "with continual evaluation also the stability gap (OUTPUT-stability-gap.png)")
     s.add_argument("--store", required=True)
     lb = kind.add_parser("leaderboard", help="bar chart of a leaderboard CSV")
     lb.add_argument("csv")
@@ -419,6 +420,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if runs.empty:
             raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
         plots.similarity_maps(runs, args.output)
+        if runs["stability_gap"].notna().any():  # the sweep evaluated continually: the gap map beside it
+            gap = plots.gap_map_path(args.output)
+            check_output_file(gap)
+            plots.stability_gap_maps(runs, gap)
+            print(f"wrote {gap}")
     else:
         plots.leaderboard_chart(args.csv, args.output, args.metric)
     print(f"wrote {args.output}")

@@ -71,43 +71,35 @@ def subsample(n: int, k: int, seed: int, task: int) -> np.ndarray:
     return np.sort(np.random.default_rng([int(seed) & 0xFFFFFFFF, int(task), 0xCE7A1]).permutation(n)[:k])
 
 
+def subsamples(sizes: list[int], k: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The evaluated samples of every task (test-set sizes ``sizes``) of a run with ``seed``, as index tensors:
+    what both the engine's and the batched path's curves score."""
+    return [torch.as_tensor(subsample(n, k, seed, j), device=device) for j, n in enumerate(sizes)]
+
+
 def evaluated(i: int, T: int) -> int:
     """How many tasks (a prefix) an evaluation during task ``i`` (0-based) scores: the seen ones and the next."""
     return min(i + 2, T)
 
 
-class Recorder:
-    """Scores of the tasks' fixed subsamples at chosen steps; ``to_dict()`` is what a Result stores.
+class Curves:
+    """When to evaluate, which tasks, on what scale, and the rows recorded; ``to_dict()`` is what a Result stores.
 
-    Create it after ``strategy.setup`` and before training: for regression streams it measures the
-    untrained model's error then, the normaliser of every later score.
+    A subclass supplies :meth:`raw`, the accuracy or error of tasks 0..n-1, shaped (n,) for one run or (B, n)
+    for B members trained in lockstep (clbench.batched.continual); it calls ``super().__init__`` once its
+    data is ready and before training: for regression streams the untrained model's error is measured then,
+    the normaliser of every later score.
     """
 
-    def __init__(self, strategy: Strategy, tasks: list[Task], loss: str, eval_every: int, eval_samples: int,
-                 seed: int) -> None:
-        self.strategy, self.tasks, self.loss = strategy, tasks, loss
-        self.every, self.samples, self.T = eval_every, eval_samples, len(tasks)
-        with torch.inference_mode():
-            picks = [torch.as_tensor(subsample(len(t.test_x), eval_samples, seed, j), device=t.test_x.device)
-                     for j, t in enumerate(tasks)]
-            self.x = [t.inputs(t.test_x[p]) for t, p in zip(tasks, picks)]
-            self.y = [t.test_y[p] for t, p in zip(tasks, picks)]
-        sizes = [len(y) for y in self.y]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        cls = type(strategy)
-        # one forward for every task: the forward must not read the task (heads are selected afterwards)
-        self.shared = (cls.forward is Strategy.forward and cls.predict is Strategy.predict
-                       and len({(tuple(x.shape[1:]), x.dtype) for x in self.x}) == 1
-                       and len({(tuple(y.shape[1:]), y.dtype) for y in self.y}) == 1)
-        if self.shared:
-            self.x_all, self.y_all = torch.cat(self.x), torch.cat(self.y)
-            self.task_of = torch.repeat_interleave(torch.arange(self.T, device=self.x_all.device),
-                                                   torch.tensor(sizes, device=self.x_all.device))
-            self.sizes = torch.tensor(sizes, device=self.x_all.device, dtype=torch.float64)
+    def __init__(self, T: int, loss: str, eval_every: int, eval_samples: int) -> None:
+        self.T, self.loss, self.every, self.samples = T, loss, eval_every, eval_samples
         self.steps: list[int] = []
         self.rows: list[torch.Tensor] = []
         self.boundaries: list[int] = []
-        self.init = self._raw(self.T) if loss == "mse" else None
+        self.init = self.raw(T) if loss == "mse" else None
+
+    def raw(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def start_task(self, step: int) -> None:
         """Task ``len(boundaries)`` starts at global step ``step``."""
@@ -121,18 +113,58 @@ class Recorder:
         """Score tasks 0..i+1 now, as global step ``step`` of task ``i``; a second record at the same step
         replaces the first (the end of a task with no training steps)."""
         n = evaluated(i, self.T)
-        raw = self._raw(n)
-        score = raw if self.loss == "ce" else 1.0 - raw / self.init[:n]
-        row = torch.full((self.T,), float("nan"), dtype=torch.float64, device=raw.device)
-        row[:n] = score
+        raw = self.raw(n)
+        score = raw if self.loss == "ce" else 1.0 - raw / self.init[..., :n]
+        row = torch.full((*score.shape[:-1], self.T), float("nan"), dtype=torch.float64, device=raw.device)
+        row[..., :n] = score
         if self.steps and self.steps[-1] == step:
             self.steps.pop()
             self.rows.pop()
         self.steps.append(int(step))
         self.rows.append(row)
 
+    def to_dict(self, member: int | None = None) -> dict[str, Any]:
+        """``step`` (n_eval), ``score`` (n_eval x T, NaN where not evaluated), ``boundaries`` (the step at which
+        each task started), the options, and for regression the untrained model's ``error_at_init``; of
+        member ``member`` when the rows hold several."""
+        pick = (lambda t: t) if member is None else (lambda t: t[..., member, :])  # noqa: E731
+        score = pick(torch.stack(self.rows)).cpu().numpy() if self.rows else np.zeros((0, self.T))
+        out = {"eval_every": self.every, "eval_samples": self.samples, "step": list(self.steps),
+               "score": score.tolist(), "boundaries": list(self.boundaries)}
+        if self.init is not None:
+            out["error_at_init"] = pick(self.init).cpu().tolist()
+        return out
+
+
+class Recorder(Curves):
+    """The engine's curves: one strategy's model on its own tasks' subsamples.
+
+    Create it after ``strategy.setup`` and before training.
+    """
+
+    def __init__(self, strategy: Strategy, tasks: list[Task], loss: str, eval_every: int, eval_samples: int,
+                 seed: int) -> None:
+        self.strategy, self.tasks = strategy, tasks
+        with torch.inference_mode():
+            picks = subsamples([len(t.test_x) for t in tasks], eval_samples, seed, tasks[0].test_x.device)
+            self.x = [t.inputs(t.test_x[p]) for t, p in zip(tasks, picks)]
+            self.y = [t.test_y[p] for t, p in zip(tasks, picks)]
+        sizes = [len(y) for y in self.y]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        cls = type(strategy)
+        # one forward for every task: the forward must not read the task (heads are selected afterwards)
+        self.shared = (cls.forward is Strategy.forward and cls.predict is Strategy.predict
+                       and len({(tuple(x.shape[1:]), x.dtype) for x in self.x}) == 1
+                       and len({(tuple(y.shape[1:]), y.dtype) for y in self.y}) == 1)
+        if self.shared:
+            self.x_all, self.y_all = torch.cat(self.x), torch.cat(self.y)
+            self.task_of = torch.repeat_interleave(torch.arange(len(tasks), device=self.x_all.device),
+                                                   torch.tensor(sizes, device=self.x_all.device))
+            self.sizes = torch.tensor(sizes, device=self.x_all.device, dtype=torch.float64)
+        super().__init__(len(tasks), loss, eval_every, eval_samples)
+
     @torch.inference_mode()
-    def _raw(self, n: int) -> torch.Tensor:
+    def raw(self, n: int) -> torch.Tensor:
         """Accuracy or mean squared error of tasks 0..n-1 on their subsamples, (n,) float64 on the device."""
         model = self.strategy.model
         was_training = model.training
@@ -144,7 +176,7 @@ class Recorder:
                 out = torch.cat([self.strategy.forward(self.x_all[a:min(a + per, end)], self.tasks[0])
                                  for a in range(0, end, per)])
                 if all(t.head is None for t in self.tasks[:n]):
-                    hit = self._hits(out, self.y_all[:end])
+                    hit = hits(out, self.y_all[:end], self.loss)
                     total = torch.zeros(n, dtype=torch.float64, device=out.device).index_add_(
                         0, self.task_of[:end], hit)
                     return total / self.sizes[:n]
@@ -156,23 +188,15 @@ class Recorder:
                     per = max(1, CHUNK_ELEMENTS // max(1, self.x[j][0].numel()))
                     outs.append(torch.cat([self.strategy.predict(self.x[j][a:a + per], self.tasks[j])
                                            for a in range(0, len(self.x[j]), per)]))
-            return torch.stack([self._hits(o, y).mean() for o, y in zip(outs, self.y)])
+            return torch.stack([hits(o, y, self.loss).mean() for o, y in zip(outs, self.y)])
         finally:
             model.train(was_training)
 
-    def _hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per sample: 1 for a correct class (classification), else the squared error averaged over outputs."""
-        out = out.float()
-        if self.loss == "ce":
-            return (out.argmax(1) == y).double()
-        return ((out - y) ** 2).mean(1).double()
 
-    def to_dict(self) -> dict[str, Any]:
-        """``step`` (n_eval), ``score`` (n_eval x T, NaN where not evaluated), ``boundaries`` (the step at which
-        each task started), the options, and for regression the untrained model's ``error_at_init``."""
-        score = torch.stack(self.rows).cpu().numpy() if self.rows else np.zeros((0, self.T))
-        out = {"eval_every": self.every, "eval_samples": self.samples, "step": list(self.steps),
-               "score": score.tolist(), "boundaries": list(self.boundaries)}
-        if self.init is not None:
-            out["error_at_init"] = self.init.cpu().tolist()
-        return out
+def hits(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per sample (the last dimension of ``out`` holds the outputs): 1 for a correct class (classification),
+    else the squared error averaged over outputs; float64."""
+    out = out.float()
+    if loss == "ce":
+        return (out.argmax(-1) == y).double()
+    return ((out - y) ** 2).mean(-1).double()

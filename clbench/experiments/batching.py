@@ -94,14 +94,15 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
             members.append((cell, Member(streams[key], strategy, cell["seed"], {"cell": cell})))
         else:
             single.append(cell)
-    by_model: dict[str, list] = {}
+    by_model: dict[str, list] = {}  # cells of one model and one continual evaluation
     for cell, member in members:
-        by_model.setdefault(json.dumps([cell["model"], cell["model_args"]], default=str), []).append((cell, member))
+        key = json.dumps([cell["model"], cell["model_args"], cell.get("continual")], default=str)
+        by_model.setdefault(key, []).append((cell, member))
     for group in by_model.values():
         cell0 = group[0][0]
         try:
             results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
-                                  device=device, memory_mb=memory_mb)
+                                  device=device, memory_mb=memory_mb, **cell0.get("continual", {}))
         except (Exception, SystemExit):  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
             single += [c for c, _ in group]
             continue

@@ -305,9 +305,8 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
     if executor == "ray":
         outcomes, in_flight = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads), None
     else:
-        # the batched runner records no continual-evaluation curves: such cells run one by one
-        lockstep = [c for c in todo if batch != "off" and not c.get("continual")]
-        single = [c for c in todo if batch == "off" or c.get("continual")]
+        lockstep = [c for c in todo if batch != "off"]
+        single = [c for c in todo if batch == "off"]
         outcomes = _one_after_another(
             lambda: sweep_outcomes(lockstep, device, commit, jobs, batch, threads) if lockstep else iter(()),
             lambda: (in_processes(single, device, commit, jobs, threads) if jobs > 1

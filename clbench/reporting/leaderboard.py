@@ -16,8 +16,10 @@ from clbench.core.errors import ClbenchError
 from clbench.core.io import atomic_write
 from clbench.experiments.store import Store
 
-METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention", "min_acc", "wc_acc"]
-OPTIONAL = ("transfer", "retention", "min_acc", "wc_acc")  # columns only when some record has them
+METRICS = ["acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention", "min_acc", "wc_acc",
+           "stability_gap"]
+OPTIONAL = ("transfer", "retention", "min_acc", "wc_acc", "stability_gap")  # columns only when some record has them
+CONTINUAL = ("min_acc", "wc_acc", "stability_gap")  # the metrics of continual evaluation (clbench.core.continual)
 COSTS = ["wall_time_s", "peak_memory_mb"]
 TIME_COLUMNS = ["wall_time_s_mean", "wall_time_s_ci95", "peak_memory_mb_mean", "peak_memory_mb_ci95"]
 SUITE_COLUMNS = ["suite", "suite_version", "protocol_hash", "tuned", "tuning_trials", "validation_score"]

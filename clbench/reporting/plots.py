@@ -1,9 +1,11 @@
-"""Plots (matplotlib, written as PNG): a run's accuracy matrix, transfer/retention maps over
-(rho_a, rho_b) per strategy, and a leaderboard chart."""
+"""Plots (matplotlib, written as PNG): a run's accuracy matrix and continual-evaluation curves, transfer/retention
+and stability-gap maps over (rho_a, rho_b) per strategy, and a leaderboard chart."""
 from __future__ import annotations
 
 import json
 import os
+import textwrap
+from typing import Any
 
 import matplotlib
 
@@ -76,14 +78,36 @@ def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -
     plt.close(fig)
 
 
-def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
-    """Mean transfer and retention over seeds on the (rho_a, rho_b) grid, one column per strategy config."""
+def similarity_grids(runs: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per strategy config ('name {args}'): the mean of ``metric`` over seeds (and diverged runs left out) on
+    the (rho_a, rho_b) grid, rho_a down the index, rho_b across the columns."""
     args = runs["stream_args"].map(json.loads)
     if not args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
         raise ClbenchError("similarity maps need runs whose stream args set both rho_a and rho_b")
     runs = runs.assign(rho_a=args.map(lambda a: a["rho_a"]), rho_b=args.map(lambda a: a["rho_b"]),
                        label=strategy_labels(runs))
-    labels = sorted(runs["label"].unique())
+    if "diverged" in runs:
+        runs = runs[~runs["diverged"].astype(bool)]
+    return {label: runs[runs["label"] == label].pivot_table(index="rho_a", columns="rho_b", values=metric,
+                                                             aggfunc="mean", dropna=False)
+            for label in sorted(runs["label"].unique())}
+
+
+def _grid_panel(ax, grid: pd.DataFrame, title: str, **imshow) -> Any:
+    image = ax.imshow(grid.to_numpy(dtype=float), origin="lower",
+                      extent=(-0.5, len(grid.columns) - 0.5, -0.5, len(grid.index) - 0.5), **imshow)
+    ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+    ax.set_xlabel("readout similarity rho_b")
+    ax.set_ylabel("input similarity rho_a")
+    ax.set_title(title, fontsize=9)
+    return image
+
+
+def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
+    """Mean transfer and retention over seeds on the (rho_a, rho_b) grid, one column per strategy config."""
+    grids = {m: similarity_grids(runs, m) for m in ("transfer", "retention")}
+    labels = list(grids["transfer"])
     per_row = min(len(labels), 3)  # strategies per row of the figure, each a transfer and a retention panel
     rows = -(-len(labels) // per_row)
     fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.6 * per_row + 1.5, 3.2 * rows + 0.8), squeeze=False,
@@ -91,19 +115,43 @@ def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
     for ax in axes.flat[2 * len(labels):]:
         ax.set_visible(False)
     for k, label in enumerate(labels):
-        sub = runs[runs["label"] == label]
         for m, metric in enumerate(("transfer", "retention")):
-            grid = sub.pivot_table(index="rho_a", columns="rho_b", values=metric, aggfunc="mean")
-            ax = axes[k // per_row, 2 * (k % per_row) + m]
-            image = ax.imshow(grid.to_numpy(), origin="lower", cmap="RdBu", vmin=-1, vmax=1,
-                              extent=(-0.5, len(grid.columns) - 0.5, -0.5, len(grid.index) - 0.5))
-            ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
-            ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
-            ax.set_xlabel("readout similarity rho_b")
-            ax.set_ylabel("input similarity rho_a")
-            ax.set_title(f"{label}\n{metric}", fontsize=9)
+            image = _grid_panel(axes[k // per_row, 2 * (k % per_row) + m], grids[metric][label],
+                                f"{label}\n{metric}", cmap="RdBu", vmin=-1, vmax=1)
     fig.colorbar(image, ax=axes, label="score", shrink=0.8)
     fig.suptitle("Transfer and retention over task similarity (mean over seeds)")
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def gap_map_path(output: str | os.PathLike) -> str:
+    """Where ``clbench plot similarity --output X.png`` writes the stability-gap maps: X-stability-gap.png."""
+    root, ext = os.path.splitext(str(output))
+    return f"{root}-stability-gap{ext or '.png'}"
+
+
+def stability_gap_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
+    """The mean stability gap over seeds (continual evaluation, clbench.core.metrics) on the (rho_a, rho_b)
+    grid: one panel per strategy config, one colour scale for all, each cell's value written in it."""
+    if "stability_gap" not in runs or not runs["stability_gap"].notna().any():
+        raise ClbenchError("these runs have no stability gap: it needs continual evaluation; rerun the sweep with "
+                           "[continual] eval_every = K (or --eval-every K)")
+    grids = similarity_grids(runs, "stability_gap")
+    values = np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids.values()])
+    low, high = min(0.0, float(np.nanmin(values))), max(float(np.nanmax(values)), 1e-3)
+    per_row = min(len(grids), 4)
+    rows = -(-len(grids) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.3 * per_row + 1.2, 3.1 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(grids):]:
+        ax.set_visible(False)
+    for ax, (label, grid) in zip(axes.flat, grids.items()):
+        image = _grid_panel(ax, grid, textwrap.fill(label, 44), cmap="magma_r", vmin=low, vmax=high)
+        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="w" if v > low + 0.6 * (high - low) else "k")
+    fig.colorbar(image, ax=axes, label="stability gap (mean over seeds)", shrink=0.8)
+    fig.suptitle("Stability gap over task similarity")
     fig.savefig(output, dpi=110)
     plt.close(fig)
 

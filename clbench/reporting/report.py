@@ -21,7 +21,7 @@ import pandas as pd
 
 from clbench.core import metrics as cl_metrics
 from clbench.core.errors import ClbenchError
-from clbench.reporting.leaderboard import T95, ci95
+from clbench.reporting.leaderboard import CONTINUAL, T95, ci95
 
 
 def _t95(df: int) -> float:
@@ -62,6 +62,10 @@ def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool | Non
         for m in ("forgetting_last", "forgetting", "bwt"):
             if m in group and m != metric and group[m].notna().any():
                 row[f"{m}_mean"] = float(group.groupby("seed")[m].mean().mean())
+        for m in CONTINUAL:  # a suite that evaluates continually: its worst-case scores beside the metric
+            if m in group and m != metric and group[m].notna().any():
+                by_seed = group.groupby("seed")[m].mean()
+                row[f"{m}_mean"], row[f"{m}_ci95"] = float(by_seed.mean()), ci95(by_seed)
         for col in ("validation_score", "tuning_trials", "tuned", "suite", "suite_version", "protocol_hash",
                     "git_commit", "clbench_version", "device"):
             if col in group:
@@ -238,7 +242,10 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
         table.insert(0, "row", range(1, len(table) + 1))
         images["leaderboard chart"] = png_bytes(lambda out: plots.draw_leaderboard(table.drop(columns=["row"]), out))
     args = runs["stream_args"].map(json.loads)
-    if "transfer" in runs and runs["transfer"].notna().any() and args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
-        images["transfer and retention over (rho_a, rho_b)"] = png_bytes(lambda out: plots.similarity_maps(runs, out))
+    if args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
+        if "transfer" in runs and runs["transfer"].notna().any():
+            images["transfer and retention over (rho_a, rho_b)"] = png_bytes(lambda out: plots.similarity_maps(runs, out))
+        if runs["stability_gap"].notna().any():
+            images["stability gap over (rho_a, rho_b)"] = png_bytes(lambda out: plots.stability_gap_maps(runs, out))
     title = title or (f"{suite['name']} v{suite['version']}" if suite else f"Leaderboard: {store_dir}")
     return html_page(table, title, provenance, images, metric), len(table)
