@@ -26,8 +26,9 @@ from clbench.experiments.suite import Suite, cells, final_split, protocol
 
 def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settings: dict[str, Any] | None = None,
                executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
-               storage: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Tune (unless ``settings``) and run the final test rows of one strategy; returns the tuning summary."""
+               storage: str | None = None, progress: bool = True, batch: str | int = "auto") -> dict[str, Any]:
+    """Tune (unless ``settings``) and run the final test rows of one strategy (its seeds batched unless
+    ``batch="off"``); returns the tuning summary."""
     from clbench.experiments import tune
     from clbench.experiments.store import Store
     from clbench.experiments.sweep import run_sweep
@@ -38,7 +39,7 @@ def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settin
                    "note": "settings given on the command line; not tuned"}
     else:
         summary = tune.tune(suite, strategy, store_dir, storage=storage, executor=executor, jobs=jobs,
-                            address=address, device=device, progress=progress)
+                            address=address, device=device, progress=progress, batch=batch)
     tuning = {"trials": summary["trials_counted"], "validation_score": summary["validation_score"],
               "searched": sorted(summary["space"]), "given": sorted(settings or {})}
     if "study" in summary:
@@ -46,7 +47,7 @@ def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settin
     todo = cells(suite, strategy, {**fixed, **summary["chosen"]}, protocol(suite.spec)["seeds"], final_split(suite),
                  extra={"tuning": tuning})
     run_sweep(todo, Store(store_dir), device=device or suite.spec.get("device", "cpu"), jobs=jobs, progress=progress,
-              executor=executor, address=address)
+              executor=executor, address=address, batch=batch)
     return summary
 
 
@@ -107,7 +108,7 @@ def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
 def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
               settings: dict[str, Any] | None = None, executor: str = "processes", jobs: int = 1,
               address: str | None = None, device: str | None = None, storage: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, batch: str | int = "auto") -> dict[str, Any]:
     """Tune and run every strategy in ``strategies``, then rank; writes ``<store>/leaderboard.{csv,png}``."""
     from clbench.reporting import report
 
@@ -116,8 +117,8 @@ def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
     if settings:
         check_settings(suite, strategies[0], settings)
     check_store(suite, store_dir)
-    summaries = {s: final_rows(suite, s, store_dir, settings, executor, jobs, address, device, storage, progress)
-                 for s in strategies}
+    summaries = {s: final_rows(suite, s, store_dir, settings, executor, jobs, address, device, storage, progress,
+                               batch) for s in strategies}
     metric = protocol(suite.spec)["metric"]
     table = report.ranked(suite_runs(suite, store_dir), metric, higher_is_better=higher_is_better(metric))
     store_dir = Path(store_dir)

@@ -82,7 +82,7 @@ def test_ray_sweep_matches_local_runs_and_resumes(ray_head, tmp_path):
     assert all(r["extra"]["tasks_seen"] == 2 for r in records.values() if r["cell"]["strategy"] == "test-shrink")
 
     local = tmp_path / "local"
-    done, _ = _sweep(*CELLS, "--store", str(local), "--threads", "1", "--batch", "off")  # Ray: one run a cell
+    done, _ = _sweep(*CELLS, "--store", str(local), "--threads", "1")  # batched as on Ray: one task a batch
     assert done.returncode == 0, done.stderr
     for r in Store(local).records():  # the determinism contract: same seed + same thread count = same bits
         ray_record = records[r["id"]]

@@ -247,9 +247,14 @@ def _add_suite_common(p) -> None:
     p.add_argument("--strategy", help="comma-separated strategy names (default: every strategy the suite lists)")
     p.add_argument("--store", help="results folder (default: clbench-results/SUITE)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STORE/tuning.db)")
-    p.add_argument("--jobs", type=int, default=1, help="trials (and final runs) at once, in local processes")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes for trials and final runs")
+    p.add_argument("--batch", default="auto", metavar="auto|N|off",
+                   help="ask several trials at once (TPE with constant liar) and train their runs, and the final "
+                        "seeds, together as one batched model: auto (default: 8 trials per job), N trials at a "
+                        "time, or off (--jobs trials at a time, one run each)")
     p.add_argument("--executor", choices=("processes", "ray"), default="processes",
-                   help="'processes': this machine (default); 'ray': one Ray task per run, as in `clbench sweep`")
+                   help="'processes': this machine (default); 'ray': one Ray task per batch (or per run with "
+                        "--batch off), as in `clbench sweep`")
     p.add_argument("--address", default=None, metavar="HOST:PORT", help="Ray head (default: $RAY_ADDRESS or local)")
     p.add_argument("--device", default=None, help="device for every run (default: the suite's, else cpu)")
     p.add_argument("--plugin", action="append", default=[], dest="suite_plugin", metavar="FILE.py|MODULE",
@@ -311,7 +316,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for name in names:
         t = tune.tune(suite, name, store, storage=args.storage, executor=args.executor, jobs=args.jobs,
                       address=args.address, device=args.device, max_new_trials=args.max_new_trials,
-                      progress=not args.quiet)
+                      progress=not args.quiet, batch=args.batch)
         state = "" if t.get("finished", True) else " (unfinished: rerun to resume)"
         score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
         print(f"{name}: chosen {t['chosen'] or t.get('note')}, validation {t['metric']} {score}, "
@@ -327,7 +332,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     suite, names, store = _suite_setup(args)
     out = benchmark.benchmark(suite, names, store, settings=parse_key_values(args.set, "--set"),
                               executor=args.executor, jobs=args.jobs, address=args.address, device=args.device,
-                              storage=args.storage, progress=not args.quiet)
+                              storage=args.storage, progress=not args.quiet, batch=args.batch)
     for name, t in out["tuning"].items():
         score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
         how = t.get("note") or f"tuned, {t['trials_counted']} trials"

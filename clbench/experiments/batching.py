@@ -63,13 +63,14 @@ def plan(cells: list[dict[str, Any]], batch: str | int, jobs: int = 1) -> list[l
 
 
 def run_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
-              plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> list[tuple]:
+              plugins: tuple[str, ...] = (), memory_mb: float | None = None, executor: str = "local") -> list[tuple]:
     """Run sweep cells, batching what can be; returns (cell, record, error) per cell, records as run_cell's."""
-    return list(iter_cells(cells, device, threads, commit, plugins, memory_mb))
+    return list(iter_cells(cells, device, threads, commit, plugins, memory_mb, executor))
 
 
 def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = None, commit: str | None = None,
-               plugins: tuple[str, ...] = (), memory_mb: float | None = None) -> Iterator[tuple]:
+               plugins: tuple[str, ...] = (), memory_mb: float | None = None, executor: str = "local"
+               ) -> Iterator[tuple]:
     """run_cells, yielding each (cell, record, error) as soon as it is known, so that a sweep stores every
     finished run before the next one starts (a killed sweep loses only the runs in flight)."""
     import clbench
@@ -110,10 +111,10 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
             if isinstance(result, Exception):
                 yield cell, None, result
                 continue
-            yield cell, cell_record(result, cell, commit, "local"), None
+            yield cell, cell_record(result, cell, commit, executor), None
     for cell in single:
         try:
-            record = run_cell(cell, device, commit=commit)
+            record = run_cell(cell, device, commit=commit, executor=executor)
         except Exception as e:  # noqa: BLE001
             yield cell, None, e
             continue

@@ -44,7 +44,7 @@ import tomllib
 from clbench.core.continual import continual_options
 from clbench.core.errors import ClbenchError, Interrupted, cpu_limit, unknown_key, warn
 from clbench.core.registry import LOADED_PLUGINS
-from clbench.experiments.batching import parse_batch, plan, sweep_outcomes
+from clbench.experiments.batching import parse_batch, plan, run_cells, sweep_outcomes
 from clbench.experiments.cells import (  # noqa: F401
     SYNTHETIC_CACHE_MB,
     cell_id,
@@ -173,9 +173,12 @@ def in_processes(todo: list[dict[str, Any]], device: str, commit: str | None, jo
             yield futures[future], None if error else future.result(), error
 
 
-def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: str | None,
-         cpus_per_run: float, gpus_per_run: float | None, threads: int | None) -> Iterator[Outcome]:
-    """Each cell is one Ray task; records come back to this process, which stores them as they finish."""
+def on_ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: str | None,
+           cpus_per_run: float, gpus_per_run: float | None, threads: int | None,
+           batch: str | int = "off") -> Iterator[Outcome]:
+    """Each cell (``batch="off"``), or each batch of cells that train together (see
+    clbench.experiments.batching.plan), is one Ray task; records come back to this process, which stores
+    them as they finish."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     options: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": "warning", "log_to_driver": False}
     if address:
@@ -205,10 +208,16 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
         raise ClbenchError(f"could not connect to {where} ({e}); start one with `ray start --head` and pass "
                            "its HOST:PORT to --address") from None
     try:
-        remote = ray.remote(run_cell).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        options = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         threads = threads or max(1, int(cpus_per_run))
         plugins = tuple(LOADED_PLUGINS)
-        pending = {remote.remote(c, device, threads, commit, "ray", plugins): c for c in todo}
+        if batch == "off":
+            remote = ray.remote(run_cell).options(**options)
+            pending = {remote.remote(c, device, threads, commit, "ray", plugins): c for c in todo}
+        else:
+            remote = ray.remote(run_cells).options(**options)
+            pending = {remote.remote(cells, device, threads, commit, plugins, None, "ray"): cells
+                       for cells in plan(todo, batch)}
         try:
             yield from _ray_outcomes(ray, pending)
         except BaseException:  # Ctrl-C: cancel what is queued or running, keep what was stored
@@ -221,15 +230,21 @@ def _ray(todo: list[dict[str, Any]], device: str, commit: str | None, address: s
 
 
 def _ray_outcomes(ray: Any, pending: dict) -> Iterator[Outcome]:
+    """(cell, record, error) of each finished task; a task that ran a batch (a list of cells) returns its
+    cells' outcomes, and its error is every one of its cells' error."""
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        cell = pending.pop(done[0])
+        cells = pending.pop(done[0])
         try:
-            yield cell, ray.get(done[0]), None
+            out = ray.get(done[0])
         except ray.exceptions.RayTaskError as e:
-            yield cell, None, e.cause if isinstance(e.cause, BaseException) else e
+            error = e.cause if isinstance(e.cause, BaseException) else e
         except ray.exceptions.RayError as e:  # a worker or node died
-            yield cell, None, e
+            error = e
+        else:
+            yield from (out if isinstance(cells, list) else [(cells, out, None)])
+            continue
+        yield from ((cell, None, error) for cell in (cells if isinstance(cells, list) else [cells]))
 
 
 def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jobs: int = 1,
@@ -239,13 +254,14 @@ def run_sweep(cells: list[dict[str, Any]], store: Store, device: str = "cpu", jo
     """Run the cells missing from ``store`` and store each record as it finishes; returns (ran, skipped).
 
     ``executor``: ``"processes"`` (this machine; ``jobs`` processes, in this process when ``jobs`` is 1) or
-    ``"ray"`` (one Ray task per cell on the cluster at ``address``, or on a local Ray instance without one,
+    ``"ray"`` (one Ray task per batch, or per cell with ``batch="off"``, on the cluster at ``address``, or on a
+    local Ray instance without one,
     each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs; the default is one GPU for CUDA runs).
     ``threads``: torch threads per run (default: this process's for one job, cores / jobs for several,
     ``cpus_per_run`` on Ray). Same seed and same thread count give the same R bit for bit on CPU.
-    ``batch`` (processes only): ``"auto"`` trains compatible cells together as one batched model
+    ``batch``: ``"auto"`` trains compatible cells together as one batched model
     (clbench.experiments.batching), ``N`` at most N a batch, ``"off"`` one run per cell; the records are the
-    same.
+    same up to float rounding.
 
     Ctrl-C stops the sweep within seconds (queued runs cancelled, workers terminated) and raises
     clbench.core.errors.Interrupted saying how many records were stored and what was lost: the runs in
@@ -303,7 +319,7 @@ def _store_outcomes(todo: list[dict[str, Any]], store: Store, device: str, jobs:
 
     commit = git_commit()
     if executor == "ray":
-        outcomes, in_flight = _ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads), None
+        outcomes, in_flight = on_ray(todo, device, commit, address, cpus_per_run, gpus_per_run, threads, batch), None
     else:
         lockstep = [c for c in todo if batch != "off"]
         single = [c for c in todo if batch == "off"]

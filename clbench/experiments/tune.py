@@ -9,7 +9,9 @@ processes share: a killed search resumes (finished trials are kept, a dead proce
 running trial is recognised by its stale heartbeat and its setting redone), and a
 trial that failed because of the environment is retried rather than counted (see
 clbench.experiments.trials). Trials run through the sweep executors (this process,
-local processes, or Ray tasks across machines), one batch of ``jobs`` trials at a time.
+local processes, or Ray tasks across machines). With ``batch`` on (the default), several trials are asked
+at once (TPE's constant liar keeps them apart) and their runs train together as one batched model
+(clbench.experiments.batching); with ``batch="off"``, ``jobs`` trials at a time, one run each.
 Guide: docs/tuning.md.
 
 TPE sampler: Bergstra et al., "Algorithms for hyper-parameter optimization", NeurIPS 2011.
@@ -30,6 +32,8 @@ from clbench.core.errors import ClbenchError
 from clbench.core.io import atomic_write
 from clbench.experiments import trials
 from clbench.experiments.suite import Suite, cells, check_space, protocol, tuning_split
+
+TRIALS_AT_ONCE = 8  # batch="auto": trials asked and trained together per worker process
 
 
 def search_space(suite: Suite, strategy: str) -> dict[str, tuple]:
@@ -73,7 +77,7 @@ def study_name(suite: Suite, strategy: str, fixed: dict[str, Any], space: dict[s
 def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str | None = None,
          executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
          max_new_trials: int | None = None, progress: bool = True, heartbeat_interval: int = trials.HEARTBEAT_S,
-         grace_period: int = trials.GRACE_S) -> dict[str, Any]:
+         grace_period: int = trials.GRACE_S, batch: str | int = "auto") -> dict[str, Any]:
     """Search ``strategy``'s space with the suite's budget; returns and writes ``<store>/tuning/<study>.json``.
 
     The result: chosen settings, validation score, budget (trials counted), the space and every counted trial.
@@ -81,6 +85,9 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     processes, here or on other machines, may tune the same strategy on one ``storage`` at once: together they
     run the budget once (see clbench.experiments.trials). A trial that fails because of the environment or the
     code is not counted: the search stops with a ClbenchError and retries that setting on the next call.
+    ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials per job at a time and trains their runs together, ``N``
+    asks N at a time, ``"off"`` asks ``jobs`` and runs each alone. A trial's value means the same either way;
+    which points TPE proposes depends on how many trials it asks before it hears back.
     """
     from tqdm.auto import tqdm
 
@@ -89,8 +96,11 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     from clbench.core.metrics import direction
     from clbench.core.registry import check_arguments, lookup
     from clbench.experiments import sweep
+    from clbench.experiments.batching import parse_batch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    batch = parse_batch(batch)
+    at_once = jobs if batch == "off" else TRIALS_AT_ONCE * jobs if batch == "auto" else batch
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
     if max_new_trials is not None and max_new_trials < 1:
@@ -138,12 +148,12 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
         if room <= 0:  # the rest of the budget runs in other processes: wait for it (or for it to go stale)
             time.sleep(min(2.0, heartbeat_interval))
             continue
-        n = min(jobs, room, jobs if max_new_trials is None else max_new_trials - new)
-        batch = trials.ask(study, rdb, n, budget)
-        with trials.heartbeats(study, rdb, batch, heartbeat_interval):
-            errors = _run_batch(study, batch, suite, strategy, fixed, space, proto, split, device, commit,
-                                executor, jobs, address)
-        new += len(batch)
+        n = min(at_once, room, at_once if max_new_trials is None else max_new_trials - new)
+        asked = trials.ask(study, rdb, n, budget)
+        with trials.heartbeats(study, rdb, asked, heartbeat_interval):
+            errors = _run_batch(study, asked, suite, strategy, fixed, space, proto, split, device, commit,
+                                executor, jobs, address, batch)
+        new += len(asked)
     bar.close()
     if errors:
         raise ClbenchError(f"{len(errors)} tuning trial(s) of {strategy} failed because of the environment or the "
@@ -168,31 +178,34 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     return _write(store_dir, name, summary)
 
 
-def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict[str, Any],
+def _run_batch(study: Any, asked: list, suite: Suite, strategy: str, fixed: dict[str, Any],
                space: dict[str, tuple], proto: dict[str, Any], split: dict[str, Any], device: str,
-               commit: str | None, executor: str, jobs: int, address: str | None) -> list[str]:
-    """Run and tell the trials of ``batch``; returns the errors of those that failed for other reasons than
+               commit: str | None, executor: str, jobs: int, address: str | None, batch: str | int) -> list[str]:
+    """Run and tell the trials ``asked``; returns the errors of those that failed for other reasons than
     their setting (told FAIL and queued again). An interruption tells the unfinished ones the same way."""
     from clbench.core.engine import TrainingDiverged
     from clbench.experiments import sweep
+    from clbench.experiments.batching import sweep_outcomes
 
     told: set[int] = set()
     try:
         plan: dict[str, list] = {}  # cell id -> the trials it scores (two trials may share a setting)
         cells_by_id: dict[str, dict[str, Any]] = {}
-        for trial in batch:
+        for trial in asked:
             params = _suggest(trial, space)
             for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split):
                 plan.setdefault(sweep.cell_id(cell), []).append(trial)
                 cells_by_id[sweep.cell_id(cell)] = cell
         todo = list(cells_by_id.values())
         if executor == "ray":
-            outcomes = sweep._ray(todo, device, commit, address, 1.0, None, None)
+            outcomes = sweep.on_ray(todo, device, commit, address, 1.0, None, None, "off" if batch == "off" else "auto")
+        elif batch != "off":
+            outcomes = sweep_outcomes(todo, device, commit, jobs, "auto")
         elif jobs > 1:
             outcomes = sweep.in_processes(todo, device, commit, jobs, None)
         else:
             outcomes = sweep._serial(todo, device, commit, None)
-        scores: dict[int, list[float]] = {t.number: [] for t in batch}
+        scores: dict[int, list[float]] = {t.number: [] for t in asked}
         diverged: dict[int, str] = {}
         errors: dict[int, str] = {}
         for cell, record, error in outcomes:
@@ -204,7 +217,7 @@ def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict
                 else:
                     value = record["metrics"].get(proto["metric"])
                     scores[trial.number].append(float("nan") if value is None else float(value))
-        for trial in batch:
+        for trial in asked:
             values = scores[trial.number]
             if trial.number in errors:
                 _discard(study, trial, errors[trial.number])
@@ -217,7 +230,7 @@ def _run_batch(study: Any, batch: list, suite: Suite, strategy: str, fixed: dict
             told.add(trial.number)
         return list(errors.values())
     except BaseException as e:  # an interruption (or a bug): the unfinished trials do not count, and are redone
-        for trial in batch:
+        for trial in asked:
             if trial.number not in told:
                 _discard(study, trial, f"interrupted ({type(e).__name__})")
         raise
