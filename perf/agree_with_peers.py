@@ -46,7 +46,7 @@ Fashion-MNIST (5 x 2) and ``perm-mnist`` is permuted Fashion-MNIST (``--stop_aft
 0..n-1; the table gives final ACC (Mammoth's Class-IL / Domain-IL accuracy) mean +- std. Without
 ``--mammoth`` only clbench's side runs.
 
-    python perf/agree_with_peers.py [--parts mas,memory] [--seeds 5] [--train-samples 5000] [--test-samples 1000]
+    python perf/agree_with_peers.py [--parts mas,memory] [--seeds 5] [--train-samples 2000] [--test-samples 1000]
     python perf/agree_with_peers.py --parts mammoth --mammoth /path/to/mammoth --mammoth-python /path/to/python
 """
 from __future__ import annotations
@@ -262,13 +262,13 @@ def part_mammoth(args) -> None:
     mammoth = Path(args.mammoth) if args.mammoth else None
     if mammoth:
         write_mammoth_data(mammoth, args.mammoth_train, args.mammoth_test)
-    protocols = {"seq-mnist": make_stream("split-fashion-mnist", scenario="class", train_samples=args.mammoth_train,
-                                          test_samples=args.mammoth_test, seed=0),
-                 "perm-mnist": make_stream("permuted-fashion-mnist", tasks=args.perm_tasks,
-                                           train_samples=args.mammoth_train, test_samples=args.mammoth_test, seed=0)}
+    sizes = dict(train_samples=args.mammoth_train, test_samples=args.mammoth_test, seed=0)
+    protocols = {"seq-mnist": lambda: make_stream("split-fashion-mnist", scenario="class", **sizes),
+                 "perm-mnist": lambda: make_stream("permuted-fashion-mnist", tasks=args.perm_tasks, **sizes)}
     print(f"| method | protocol | clbench ACC ({args.mammoth_seeds} seeds) | Mammoth ACC | Welch |\n"
           "| --- | --- | --- | --- | --- |")
-    for dataset, stream in protocols.items():
+    for dataset in args.protocols:
+        stream = protocols[dataset]()
         for model in args.mammoth_models:
             extra, name, ours = MAMMOTH_RUNS[model]
             if dataset == "perm-mnist" and model in ("icarl", "lwf"):
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--parts", default="mas,memory", help="comma-separated: mas, memory, mammoth")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="the seed of the exact (MAS) comparison")
-    parser.add_argument("--train-samples", type=int, default=5000)
+    parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--methods", default="a-gem,der,der++,er-ace,gdumb,icarl,bic")
     parser.add_argument("--mammoth", help="a Mammoth checkout (its main.py is run, never imported)")
@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--mammoth-seeds", type=int, default=3)
     parser.add_argument("--mammoth-train", type=int, default=5000)
     parser.add_argument("--mammoth-test", type=int, default=1000)
+    parser.add_argument("--protocols", default="seq-mnist,perm-mnist", type=lambda s: s.split(","),
+                        help="Mammoth protocols: seq-mnist (class-IL 5 x 2), perm-mnist")
     parser.add_argument("--perm-tasks", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
