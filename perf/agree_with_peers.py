@@ -48,6 +48,23 @@ Fashion-MNIST (5 x 2) and ``perm-mnist`` is permuted Fashion-MNIST (``--stop_aft
 
     python perf/agree_with_peers.py [--parts mas,memory] [--seeds 5] [--train-samples 2000] [--test-samples 1000]
     python perf/agree_with_peers.py --parts mammoth --mammoth /path/to/mammoth --mammoth-python /path/to/python
+
+Results (AMD EPYC, 2 cores, torch 2.14.1; the full table is in docs/strategies-baselines.md):
+
+| method | peer | protocol | clbench | peer | verdict |
+| --- | --- | --- | --- | --- | --- |
+| MAS decay=0 | Avalanche MASPlugin alpha=0, batches of 1 | exact, 5000 images | R | R | identical |
+| MAS (sum) | Avalanche MASPlugin alpha=0.5 | exact | R | R | differ by design (4.5e-3) |
+| A-GEM | Avalanche | 5 + 5 seeds | 0.256 +- 0.022 | 0.243 +- 0.026 | agree (p = 0.41) |
+| DER | Avalanche | 5 + 5 seeds | 0.212 +- 0.062 | 0.322 +- 0.053 | differ (p = 0.02): its memory departs |
+| DER++ | Avalanche | 5 + 5 seeds | 0.370 +- 0.055 | 0.375 +- 0.021 | agree (p = 0.84) |
+| ER-ACE | Avalanche | 5 + 5 seeds | 0.489 +- 0.024 | 0.488 +- 0.059 | agree (p = 0.97) |
+| GDumb | Avalanche | 5 + 5 seeds | 0.474 +- 0.043 | 0.382 +- 0.080 | agree at p = 0.07 |
+| finetune | Mammoth sgd | seq-mnist, 3 + 3 | 0.197 +- 0.003 | 0.199 +- 0.000 | agree (p = 0.37) |
+| replay | Mammoth er | seq-mnist, 3 + 3 | 0.567 +- 0.050 | 0.665 +- 0.072 | agree at p = 0.13 |
+| A-GEM | Mammoth agem | seq-mnist, 3 + 3 | 0.328 +- 0.020 | 0.333 +- 0.007 | agree (p = 0.72) |
+| DER++ | Mammoth derpp | seq-mnist, 3 + 3 | 0.643 +- 0.003 | 0.616 +- 0.061 | agree (p = 0.52) |
+| iCaRL | Mammoth icarl | seq-mnist, 3 + 3 | 0.577 +- 0.014 | 0.564 +- 0.040 | agree (p = 0.64) |
 """
 from __future__ import annotations
 
@@ -156,7 +173,8 @@ def avalanche_acc(stream: Stream, exported, name: str, args: dict, seed: int, lr
     common = dict(optimizer=torch.optim.SGD(model.parameters(), lr=lr), train_mb_size=batch_size, train_epochs=1,
                   eval_mb_size=1024, device="cpu", evaluator=evaluator)
     ce = torch.nn.CrossEntropyLoss()
-    if name == "icarl":
+    if name == "icarl":  # Avalanche's ICaRL reads the class count of each experience from the benchmark
+        exported.n_classes_per_exp = [len(task.classes) for task in stream.tasks]
         strategy = ICaRL(feature_extractor=model[:-1], classifier=model[-1], **common, **args)
     else:
         cls = {"a-gem": AGEM, "der": DER, "der++": DER, "er-ace": ER_ACE, "gdumb": GDumb, "bic": BiC}[name]
