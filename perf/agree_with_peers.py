@@ -175,6 +175,7 @@ def avalanche_acc(stream: Stream, exported, name: str, args: dict, seed: int, lr
     ce = torch.nn.CrossEntropyLoss()
     if name == "icarl":  # Avalanche's ICaRL reads the class count of each experience from the benchmark
         exported.n_classes_per_exp = [len(task.classes) for task in stream.tasks]
+        exported.classes_order = [c for task in stream.tasks for c in task.classes]
         strategy = ICaRL(feature_extractor=model[:-1], classifier=model[-1], **common, **args)
     else:
         cls = {"a-gem": AGEM, "der": DER, "der++": DER, "er-ace": ER_ACE, "gdumb": GDumb, "bic": BiC}[name]
