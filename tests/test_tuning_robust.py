@@ -316,3 +316,24 @@ def test_bad_tune_and_benchmark_input_is_one_line_error(tmp_path, capsys):
             assert code == 2 and err.startswith("clbench: error: ") and err.count("\n") == 1, (full, err)
             assert pd.Series([err]).str.contains(message).all(), (full, err)
             assert "s3cret" not in err
+
+
+def test_batched_tuning_gives_each_setting_the_value_of_its_own_runs(tmp_path, monkeypatch):
+    """Trials asked together and trained as one batched model (the default) score each setting as running it
+    alone does: with a budget inside TPE's random start-up, both searches try the same points (each trial's
+    random state comes from its place), so their values must agree to float rounding."""
+    path = write_suite(tmp_path, **{"trials = 3": "trials = 4", "lr = 0.05\n": "",
+                                    "[tuning]\n": '[tuning]\nspace = { lr = ["log", 0.01, 0.2] }\n'})
+    suite = suites.load(path)
+    from clbench.experiments import batching
+    sizes = []
+    real = batching.run_batched
+    monkeypatch.setattr(batching, "run_batched", lambda members, **kw: sizes.append(len(members)) or real(members, **kw))
+    together = tune.tune(suite, "l2", tmp_path / "batched", progress=False)
+    assert sizes == [4]  # the four trials trained as one batched model
+    alone = tune.tune(suite, "l2", tmp_path / "alone", progress=False, batch="off")
+    assert [t["params"] for t in together["trials"]] == [t["params"] for t in alone["trials"]]
+    assert len({t["params"]["lr"] for t in together["trials"]}) == 4  # learning rates differ within the batch
+    assert [t["value"] for t in together["trials"]] == pytest.approx([t["value"] for t in alone["trials"]], abs=1e-6)
+    assert together["chosen"] == alone["chosen"]
+    assert sizes == [4]  # batch="off" ran each trial alone
