@@ -104,9 +104,12 @@ class Suite:
     @property
     def results_dir(self) -> Path:
         """Where the suite's committed records live: the repository's ``leaderboards/results/<name>`` for a
-        built-in suite, ``leaderboards/results/<name>`` beside the suite's folder for a suite given by path."""
+        built-in suite, ``leaderboards/results/<name>`` beside the suite's folder for a suite given by path
+        (``<name>-v<version>`` from version 2 on)."""
         folder = self.path.resolve().parent
-        return (RESULTS_DIR if folder == SUITES_DIR else folder.parent / "leaderboards" / "results") / self.name
+        # a new version is a new protocol: its records live apart (version 1's folder has no suffix)
+        name = self.name if self.version == 1 else f"{self.name}-v{self.version}"
+        return (RESULTS_DIR if folder == SUITES_DIR else folder.parent / "leaderboards" / "results") / name
 
     @property
     def tag(self) -> dict[str, Any]:
