@@ -117,7 +117,7 @@ def test_der_members_with_different_seeds_and_weights_batch_together(fmnist_root
 def test_der_forms_equal_the_engine_on_a_regression_stream():
     """On a regression stream the stored "logits" are the outputs and DER++'s term is the MSE."""
     for name in ("der", "der++"):
+        args = {"epochs": 2, "batch_size": 32, "buffer_size": 20, "alpha": 0.7}
         runs = [(make_stream("teacher-student", input_dim=60, latent_dim=8, output_dim=4, mode="sampled", samples=96,
-                             tasks=3, seed=seed), name, {"epochs": 2, "batch_size": 32, "buffer_size": 20, "alpha": 0.7},
-                 seed) for seed in SEEDS]
+                             tasks=3, seed=seed), name, args, seed) for seed in SEEDS]
         check_members(runs, model_name="mlp", model_args={"widths": (12,)})
