@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from clbench.batched import Adapter, StackedReservoir, batched_form, member_numbers
 from clbench.core.buffer import ReservoirBuffer, by_task, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError, check_weight
 from clbench.core.registry import register_strategy
@@ -86,3 +87,51 @@ class DERPlusPlus(DER):
     def replay_term(self, k: int) -> torch.Tensor:
         logits_term = super().replay_term(k)
         return logits_term + self.beta * replayed_loss(self, self.buffer.sample(k, replace=False), self.tasks)
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+
+@batched_form(DER, DERPlusPlus)
+class DERAdapter(Adapter):
+    """Reservoir buffers of inputs, targets, task ids and logits stacked (B, size, ...); each member draws its
+    buffer batches (without replacement) and slots from its own RNG stream in the engine's order: DER one batch,
+    DER++ a second, then the slots. Per-member alpha (and beta)."""
+
+    order_matters = True
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.buffer_size, strategy.replay_batch_size)
+
+    def refresh(self) -> None:
+        if not hasattr(self, "buffer"):
+            g = self.g
+            self.buffer = StackedReservoir(g.B, g.members[0].strategy.buffer_size, g.dev)
+            self.plus = isinstance(g.members[0].strategy, DERPlusPlus)
+            self.alpha = member_numbers(g.members, "alpha", g.dev)
+            self.beta = member_numbers(g.members, "beta", g.dev) if self.plus else None
+
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
+        g, buffer, n = self.g, self.buffer, x.shape[1]
+        k = (g.members[0].strategy.replay_batch_size or n) if buffer.filled else 0
+        draws = 2 if self.plus else 1
+        with torch.no_grad():
+            drawn = g.draw(lambda: ([buffer.picks(k) for _ in range(draws)] if k else [], buffer.slots(n)))
+        if k:
+            first = buffer.take(torch.stack([picks[0] for picks, _ in drawn]))
+            logits = first["logits"]  # alpha * MSE over samples and units, as DER.replay_term
+            loss = loss + self.alpha * (g.net.forward(first["x"]) - logits).pow(2).flatten(1).sum(1) / logits[0].numel()
+            if self.plus:
+                second = buffer.take(torch.stack([picks[1] for picks, _ in drawn]))
+                loss = loss + self.beta * g.replayed_loss(second["x"], second["y"], second["task"])
+        buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing, logits=outputs.detach().float())
+        return loss
+
+    def finish(self) -> None:
+        """Tell the members what their extra_results report."""
+        for m in self.g.members:
+            m.strategy.buffer.seen = self.buffer.seen
+
+    def bytes_per_member(self, strategy, stream, model):
+        task = stream.tasks[0]
+        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2 + stream.num_outputs) * 4
