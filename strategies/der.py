@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench.batched import Adapter, StackedReservoir, batched_form, member_numbers
+from clbench.batched import ReservoirAdapter, batched_form, member_numbers
 from clbench.core.buffer import ReservoirBuffer, by_task, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError, check_weight
 from clbench.core.registry import register_strategy
@@ -92,24 +92,16 @@ class DERPlusPlus(DER):
 
 
 @batched_form(DER, DERPlusPlus)
-class DERAdapter(Adapter):
+class DERAdapter(ReservoirAdapter):
     """Reservoir buffers of inputs, targets, task ids and logits stacked (B, size, ...); each member draws its
     buffer batches (without replacement) and slots from its own RNG stream in the engine's order: DER one batch,
     DER++ a second, then the slots. Per-member alpha (and beta)."""
 
-    order_matters = True
-
-    @staticmethod
-    def signature(strategy: Strategy) -> tuple:
-        return (strategy.buffer_size, strategy.replay_batch_size)
-
-    def refresh(self) -> None:
-        if not hasattr(self, "buffer"):
-            g = self.g
-            self.buffer = StackedReservoir(g.B, g.members[0].strategy.buffer_size, g.dev)
-            self.plus = isinstance(g.members[0].strategy, DERPlusPlus)
-            self.alpha = member_numbers(g.members, "alpha", g.dev)
-            self.beta = member_numbers(g.members, "beta", g.dev) if self.plus else None
+    def start(self) -> None:
+        g = self.g
+        self.plus = isinstance(g.members[0].strategy, DERPlusPlus)
+        self.alpha = member_numbers(g.members, "alpha", g.dev)
+        self.beta = member_numbers(g.members, "beta", g.dev) if self.plus else None
 
     def extra_loss(self, x, y, t, loss, outputs, sharing):
         g, buffer, n = self.g, self.buffer, x.shape[1]
@@ -127,11 +119,5 @@ class DERAdapter(Adapter):
         buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing, logits=outputs.detach().float())
         return loss
 
-    def finish(self) -> None:
-        """Tell the members what their extra_results report."""
-        for m in self.g.members:
-            m.strategy.buffer.seen = self.buffer.seen
-
-    def bytes_per_member(self, strategy, stream, model):
-        task = stream.tasks[0]
-        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2 + stream.num_outputs) * 4
+    def stored_floats(self, stream) -> int:
+        return stream.num_outputs  # the logits at insertion

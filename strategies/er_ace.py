@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.batched import Adapter, StackedReservoir, batched_form
+from clbench.batched import ReservoirAdapter, batched_form
 from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
@@ -93,26 +93,17 @@ class ERACE(Strategy):
 
 
 @batched_form(ERACE)
-class ERACEAdapter(Adapter):
+class ERACEAdapter(ReservoirAdapter):
     """Every member's seen units (B, outputs) and reservoir buffer (B, size, ...) stacked; the incoming loss from
     asymmetric_logits on all members at once, the replay term over all classes, each member drawing its buffer
     batch (without replacement) and slots from its own RNG stream."""
-
-    order_matters = True
-
-    @staticmethod
-    def signature(strategy: Strategy) -> tuple:
-        return (strategy.buffer_size, strategy.replay_batch_size)
 
     @staticmethod
     def refuse(stream: Stream, strategy: Strategy) -> str | None:
         return None if stream.loss == "ce" else "er-ace masks class logits and needs a classification stream"
 
-    def refresh(self) -> None:
-        if not hasattr(self, "buffer"):
-            g = self.g
-            self.buffer = StackedReservoir(g.B, g.members[0].strategy.buffer_size, g.dev)
-            self.seen = None
+    def start(self) -> None:
+        self.seen = None
 
     def incoming_loss(self, outputs, y, t):
         head = self.g.data[t]["head"]
@@ -135,12 +126,8 @@ class ERACEAdapter(Adapter):
         return loss
 
     def finish(self) -> None:
-        """Tell the members what their extra_results report (and what they have seen)."""
+        """Tell the members what their extra_results report, and what they have seen."""
+        super().finish()
         for b, m in enumerate(self.g.members):
-            m.strategy.buffer.seen = self.buffer.seen
             if self.seen is not None:
                 m.strategy.seen = self.seen[b].clone()
-
-    def bytes_per_member(self, strategy, stream, model):
-        task = stream.tasks[0]
-        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4 + stream.num_outputs

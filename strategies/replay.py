@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from clbench.batched import Adapter, StackedReservoir, batched_form
+from clbench.batched import ReservoirAdapter, batched_form
 from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
@@ -54,18 +54,8 @@ class Replay(Strategy):
 
 
 @batched_form(Replay)
-class ReplayAdapter(Adapter):
+class ReplayAdapter(ReservoirAdapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
-
-    order_matters = True
-
-    @staticmethod
-    def signature(strategy: Strategy) -> tuple:
-        return (strategy.buffer_size, strategy.replay_batch_size)
-
-    def refresh(self) -> None:
-        if not hasattr(self, "buffer"):
-            self.buffer = StackedReservoir(self.g.B, self.g.members[0].strategy.buffer_size, self.g.dev)
 
     def extra_loss(self, x, y, t, loss, outputs, sharing):
         g, buffer, n = self.g, self.buffer, x.shape[1]
@@ -78,13 +68,3 @@ class ReplayAdapter(Adapter):
             loss = loss + g.replayed_loss(b["x"], b["y"], b["task"])
         buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing)
         return loss
-
-    def finish(self) -> None:
-        """Tell the members what their extra_results report."""
-        for m in self.g.members:
-            m.strategy.buffer.seen = self.buffer.seen
-
-    def bytes_per_member(self, strategy, stream, model):
-        task = stream.tasks[0]
-        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4
-

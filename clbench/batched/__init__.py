@@ -26,9 +26,9 @@ from clbench.batched.adapter import (
            batched_form,
            member_numbers,
 )
-from clbench.batched.buffer import StackedReservoir
+from clbench.batched.buffer import ReservoirAdapter, StackedReservoir
 from clbench.batched.group import Group, run_batched, run_seeds
 from clbench.batched.stacked import Quadratic, Sharing, StackedLinear, StackedNet
 
-__all__ = ["Adapter", "Group", "Member", "Quadratic", "Sharing", "StackedLinear", "StackedNet", "StackedReservoir",
-           "adapter_for", "batchable", "batched_form", "member_numbers", "run_batched", "run_seeds"]
+__all__ = ["Adapter", "Group", "Member", "Quadratic", "ReservoirAdapter", "Sharing", "StackedLinear", "StackedNet",
+           "StackedReservoir", "adapter_for", "batchable", "batched_form", "member_numbers", "run_batched", "run_seeds"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from clbench.batched.adapter import Adapter
 from clbench.batched.stacked import Sharing
 from clbench.core.buffer import last_writers, reservoir_slots
 
@@ -61,3 +62,36 @@ class StackedReservoir:
     def take(self, picks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every field at each member's own picks (B, k) -> (B, k, ...)."""
         return {name: v[self.member, picks] for name, v in self.data.items()}
+
+
+class ReservoirAdapter(Adapter):
+    """What the batched forms of reservoir-replay strategies share (replay, DER, DER++, ER-ACE): one
+    StackedReservoir of ``strategy.buffer_size`` samples a member, the settings a batch must share, the
+    members' sample counts written back, and the memory estimate."""
+
+    order_matters = True
+
+    @staticmethod
+    def signature(strategy) -> tuple:
+        return (strategy.buffer_size, strategy.replay_batch_size)
+
+    def refresh(self) -> None:
+        if not hasattr(self, "buffer"):
+            self.buffer = StackedReservoir(self.g.B, self.g.members[0].strategy.buffer_size, self.g.dev)
+            self.start()
+
+    def start(self) -> None:
+        """Stack whatever else the strategy keeps (called once, after the buffer is made)."""
+
+    def finish(self) -> None:
+        """Tell the members what their extra_results report."""
+        for m in self.g.members:
+            m.strategy.buffer.seen = self.buffer.seen
+
+    def stored_floats(self, stream) -> int:
+        """Numbers a sample stores besides its input, target and task id (DER: the logits)."""
+        return 0
+
+    def bytes_per_member(self, strategy, stream, model) -> int:
+        task = stream.tasks[0]
+        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2 + self.stored_floats(stream)) * 4
