@@ -120,10 +120,12 @@ def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
     summaries = {s: final_rows(suite, s, store_dir, settings, executor, jobs, address, device, storage, progress,
                                batch) for s in strategies}
     metric = protocol(suite.spec)["metric"]
-    table = report.ranked(suite_runs(suite, store_dir), metric, higher_is_better=higher_is_better(metric))
+    runs = suite_runs(suite, store_dir)
+    table = report.ranked(runs, metric, higher_is_better=higher_is_better(metric))
+    grid = report.grid_comparison(runs, strategies[0], metric) if len(strategies) == 1 else ""
     store_dir = Path(store_dir)
     csv, png = store_dir / "leaderboard.csv", store_dir / "leaderboard.png"
     table.to_csv(csv, index=False, float_format="%.6g", lineterminator="\n")
     report.chart(table, str(png), metric, highlight=strategies[0] if len(strategies) == 1 else None,
                  title=f"{suite.name} v{suite.version} ({suite.protocol_hash})")
-    return {"table": table, "tuning": summaries, "csv": str(csv), "png": str(png), "metric": metric}
+    return {"table": table, "tuning": summaries, "csv": str(csv), "png": str(png), "metric": metric, "grid": grid}

@@ -45,7 +45,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"permuted Fashion-MNIST {args.tasks} tasks x 1 epoch, background load: {cores} busy-loop processes")
-    runs = {"clbench": ("clbench", {}), "clbench, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"})}
+    runs = {"clbench": ("clbench", {}), "clbench, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"}),
+            "clbench, 1 thread": ("clbench", {"OMP_NUM_THREADS": "1"})}
     if not args.skip_avalanche:
         runs["avalanche"] = ("avalanche", {})
     quiet = {label: timed(side, args.tasks, env) for label, (side, env) in runs.items()}

@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clbench.batched import Adapter, batched_form
 from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
-from clbench.core.strategy import Strategy
+from clbench.core.strategy import Strategy, count_parameters
 from clbench.core.types import Stream, Task
 
 
@@ -102,3 +103,56 @@ class AGEM(Strategy):
     def extra_results(self) -> dict:
         return {"memory_per_task": self.memory_per_task, "memory_samples": len(self.memory) if self.memory else 0,
                 "steps_projected": int(self.projected)}
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+
+@batched_form(AGEM)
+class AGEMAdapter(Adapter):
+    """Every member's memory (filled by its own after_task) stacked (B, samples, ...); after each backward, every
+    member's reference gradient from one autograd call on the stacked weights (member b's is its own slice), and
+    the projection on the (B, P) rows of flattened gradients."""
+
+    @staticmethod
+    def signature(strategy: Strategy) -> tuple:
+        return (strategy.memory_per_task, strategy.buffer_size, strategy.replay_batch_size)
+
+    def refresh(self) -> None:
+        g = self.g
+        if not hasattr(self, "projected"):
+            self.projected = torch.zeros(g.B, dtype=torch.long, device=g.dev)
+        memories = [m.strategy.memory for m in g.members]
+        self.filled = len(memories[0])
+        if self.filled:
+            index = [{task.id: j for j, task in enumerate(tasks)} for tasks in g.tasks]  # task id -> g.data index
+            self.memory = {"x": torch.stack([m["x"] for m in memories]), "y": torch.stack([m["y"] for m in memories]),
+                           "task": torch.tensor([[index[b][i] for i in m["task"].tolist()]
+                                                 for b, m in enumerate(memories)], device=g.dev)}
+
+    def after_backward(self) -> None:
+        if not self.filled:
+            return
+        g, params = self.g, self.g.net.params
+        k = g.members[0].strategy.replay_batch_size
+        with torch.no_grad():
+            picks = torch.stack(g.draw(lambda: torch.randperm(self.filled, device=g.dev)[:k]))
+        ref = {name: v[g.member_index, picks] for name, v in self.memory.items()}
+        with torch.enable_grad():
+            g_ref = torch.autograd.grad(g.replayed_loss(ref["x"], ref["y"], ref["task"]).sum(), params)
+        flat = lambda grads: torch.cat([gr.reshape(g.B, -1) for gr in grads], 1)  # noqa: E731
+        grad, r = flat([p.grad for p in params]), flat(g_ref)
+        self.projected += (grad * r).sum(1) < 0
+        for p, new in zip(params, project(grad, r).split([p[0].numel() for p in params], 1)):
+            p.grad = new.reshape(p.shape)
+
+    def before_after_task(self) -> None:
+        for b, m in enumerate(self.g.members):
+            m.strategy.projected = self.projected[b].clone()
+
+    finish = before_after_task
+
+    def bytes_per_member(self, strategy, stream, model):
+        task = stream.tasks[0]
+        per_task = strategy.memory_per_task or strategy.buffer_size // len(stream)
+        memory = per_task * len(stream) * int(task.inputs(task.train_x[:1]).numel() + 2) * 4
+        return memory + 3 * count_parameters(model) * 4  # plus the flat g, g_ref and the projected g

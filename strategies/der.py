@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from clbench.batched import ReservoirAdapter, batched_form, member_numbers
 from clbench.core.buffer import ReservoirBuffer, by_task, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError, check_weight
 from clbench.core.registry import register_strategy
@@ -86,3 +87,37 @@ class DERPlusPlus(DER):
     def replay_term(self, k: int) -> torch.Tensor:
         logits_term = super().replay_term(k)
         return logits_term + self.beta * replayed_loss(self, self.buffer.sample(k, replace=False), self.tasks)
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+
+@batched_form(DER, DERPlusPlus)
+class DERAdapter(ReservoirAdapter):
+    """Reservoir buffers of inputs, targets, task ids and logits stacked (B, size, ...); each member draws its
+    buffer batches (without replacement) and slots from its own RNG stream in the engine's order: DER one batch,
+    DER++ a second, then the slots. Per-member alpha (and beta)."""
+
+    def start(self) -> None:
+        g = self.g
+        self.plus = isinstance(g.members[0].strategy, DERPlusPlus)
+        self.alpha = member_numbers(g.members, "alpha", g.dev)
+        self.beta = member_numbers(g.members, "beta", g.dev) if self.plus else None
+
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
+        g, buffer, n = self.g, self.buffer, x.shape[1]
+        k = (g.members[0].strategy.replay_batch_size or n) if buffer.filled else 0
+        draws = 2 if self.plus else 1
+        with torch.no_grad():
+            drawn = g.draw(lambda: ([buffer.picks(k) for _ in range(draws)] if k else [], buffer.slots(n)))
+        if k:
+            first = buffer.take(torch.stack([picks[0] for picks, _ in drawn]))
+            logits = first["logits"]  # alpha * MSE over samples and units, as DER.replay_term
+            loss = loss + self.alpha * (g.net.forward(first["x"]) - logits).pow(2).flatten(1).sum(1) / logits[0].numel()
+            if self.plus:
+                second = buffer.take(torch.stack([picks[1] for picks, _ in drawn]))
+                loss = loss + self.beta * g.replayed_loss(second["x"], second["y"], second["task"])
+        buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing, logits=outputs.detach().float())
+        return loss
+
+    def stored_floats(self, stream) -> int:
+        return stream.num_outputs  # the logits at insertion

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.batched import ReservoirAdapter, batched_form
 from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
@@ -39,11 +40,11 @@ from clbench.core.types import Stream, Task
 
 
 def asymmetric_logits(logits: torch.Tensor, units: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """``logits`` (batch, outputs) with the units outside (``units`` present in the batch) + (units not ``seen``)
-    set to the dtype's lowest value; their gradient is zero."""
-    allowed = ~seen
-    allowed[units] = True
-    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    """``logits`` (..., batch, outputs) with the units outside (``units`` (..., batch) present in the batch) +
+    (units not ``seen`` (..., outputs)) set to the dtype's lowest value; their gradient is zero. Leading
+    dimensions are optional: the batched form passes every member's logits, batch units and seen units at once."""
+    allowed = (~seen).scatter(-1, units, True)
+    return logits.masked_fill(~allowed.unsqueeze(-2), torch.finfo(logits.dtype).min)
 
 
 @register_strategy("er-ace")
@@ -87,3 +88,46 @@ class ERACE(Strategy):
 
     def extra_results(self) -> dict:
         return {"buffer_size": self.buffer_size, "memory_samples": len(self.buffer), "samples_seen": self.buffer.seen}
+
+# --- batched form (clbench.batched): every member of a lockstep batch at once -----------------------------
+
+
+@batched_form(ERACE)
+class ERACEAdapter(ReservoirAdapter):
+    """Every member's seen units (B, outputs) and reservoir buffer (B, size, ...) stacked; the incoming loss from
+    asymmetric_logits on all members at once, the replay term over all classes, each member drawing its buffer
+    batch (without replacement) and slots from its own RNG stream."""
+
+    @staticmethod
+    def refuse(stream: Stream, strategy: Strategy) -> str | None:
+        return None if stream.loss == "ce" else "er-ace masks class logits and needs a classification stream"
+
+    def start(self) -> None:
+        self.seen = None
+
+    def incoming_loss(self, outputs, y, t):
+        head = self.g.data[t]["head"]
+        units = y if head is None else head.gather(1, y)  # the output units of the batch's classes
+        if self.seen is None:
+            self.seen = torch.zeros(outputs.shape[0], outputs.shape[2], dtype=torch.bool, device=outputs.device)
+        self.seen.scatter_(1, units, True)
+        masked = asymmetric_logits(outputs, units, self.seen)
+        return self.g.per_sample_loss(self.g.head(masked, t), y).mean(1)
+
+    def extra_loss(self, x, y, t, loss, outputs, sharing):
+        g, buffer, n = self.g, self.buffer, x.shape[1]
+        k = (g.members[0].strategy.replay_batch_size or n) if buffer.filled else 0
+        with torch.no_grad():
+            drawn = g.draw(lambda: (buffer.picks(k) if k else None, buffer.slots(n)))
+        if k:
+            b = buffer.take(torch.stack([picks for picks, _ in drawn]))
+            loss = loss + g.replayed_loss(b["x"], b["y"], b["task"])
+        buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing)
+        return loss
+
+    def finish(self) -> None:
+        """Tell the members what their extra_results report, and what they have seen."""
+        super().finish()
+        for b, m in enumerate(self.g.members):
+            if self.seen is not None:
+                m.strategy.seen = self.seen[b].clone()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from clbench.batched import Adapter, batched_form
-from clbench.core.buffer import ReservoirBuffer, check_sizes, last_writers, replayed_loss, reservoir_slots
+from clbench.batched import ReservoirAdapter, batched_form
+from clbench.core.buffer import ReservoirBuffer, check_sizes, replayed_loss
 from clbench.core.errors import ClbenchError
 from clbench.core.registry import register_strategy
 from clbench.core.strategy import Strategy
@@ -54,69 +54,17 @@ class Replay(Strategy):
 
 
 @batched_form(Replay)
-class ReplayAdapter(Adapter):
+class ReplayAdapter(ReservoirAdapter):
     """Reservoir buffers stacked (B, size, ...); each member draws its picks and slots from its own RNG stream."""
 
-    order_matters = True
-
-    @staticmethod
-    def signature(strategy: Strategy) -> tuple:
-        return (strategy.buffer_size, strategy.replay_batch_size)
-
-    def refresh(self) -> None:
-        if not hasattr(self, "x"):
-            self.x = self.y = self.task_ids = None
-            self.filled = self.seen = 0
-            self.size = self.g.members[0].strategy.buffer_size
-
     def extra_loss(self, x, y, t, loss, outputs, sharing):
-        g, B, dev = self.g, self.g.B, self.g.dev
-        picks = slots = None
-        n, k = x.shape[1], 0
-        if self.filled:
-            k = min(g.members[0].strategy.replay_batch_size or n, self.filled)
-        with torch.no_grad():
-            p_list, s_list, drawn = [], [], {}
-            for b in range(B):
-                key = g.rng_key(b)
-                if key not in drawn:  # members whose random streams are equal draw alike: draw once
-                    with g.rng(b):
-                        picks = torch.randint(0, self.filled, (k,), device=dev) if k else None
-                        slots = reservoir_slots(self.seen, n, self.size, dev)
-                    drawn[key] = (picks, slots, g.rng_states[b])
-                picks, slots, g.rng_states[b] = drawn[key]
-                p_list.append(picks)
-                s_list.append(slots)
-            slots = torch.stack(s_list)
-            picks = torch.stack(p_list) if k else None
+        g, buffer, n = self.g, self.buffer, x.shape[1]
+        k = min(g.members[0].strategy.replay_batch_size or n, buffer.filled)
+        with torch.no_grad():  # the engine's order: picks (when the buffer holds samples), then slots
+            drawn = g.draw(lambda: (torch.randint(0, buffer.filled, (k,), device=g.dev) if k else None,
+                                    buffer.slots(n)))
         if k:
-            rows = g.member_index
-            bx, by, bt = self.x[rows, picks], self.y[rows, picks], self.task_ids[rows, picks]
-            for j in torch.unique(bt).tolist():
-                per_sample = g.per_sample_loss(g.predict(bx, j), by)
-                loss = loss + (per_sample * (bt == j)).sum(1) / k
-        self._add(x.detach(), y, t, slots, sharing)
+            b = buffer.take(torch.stack([picks for picks, _ in drawn]))
+            loss = loss + g.replayed_loss(b["x"], b["y"], b["task"])
+        buffer.offer(torch.stack([slots for _, slots in drawn]), x, y, t, sharing)
         return loss
-
-    @torch.no_grad()
-    def _add(self, x, y, t, slots, sharing) -> None:
-        B, dev = self.g.B, self.g.dev
-        if self.x is None:
-            self.x = torch.empty((B, self.size, *x.shape[2:]), dtype=x.dtype, device=dev)
-            self.y = torch.empty((B, self.size, *y.shape[2:]), dtype=y.dtype, device=dev)
-            self.task_ids = torch.empty((B, self.size), dtype=torch.long, device=dev)
-        # every member's kept samples in one write; a slot drawn twice keeps the later sample, as in the engine
-        member, slot, sample = last_writers(slots, self.size)
-        source = member if sharing is None else sharing.index[member]
-        self.x[member, slot], self.y[member, slot], self.task_ids[member, slot] = x[source, sample], y[member, sample], t
-        self.seen += x.shape[1]
-        self.filled = min(self.seen, self.size)
-
-    def finish(self) -> None:
-        """Tell the members what their extra_results report."""
-        for m in self.g.members:
-            m.strategy.buffer.seen = self.seen
-
-    def bytes_per_member(self, strategy, stream, model):
-        task = stream.tasks[0]
-        return strategy.buffer_size * int(task.inputs(task.train_x[:1]).numel() + 2) * 4

@@ -47,3 +47,26 @@ def test_avalanche_si_on_cpu_trains_like_naive_and_the_patched_one_agrees(agree,
     assert si["max_importance"] < 1e-3  # under Avalanche's clip
     assert si["max_abs_diff"] <= 0.01
     np.testing.assert_array_equal(shipped["R_avalanche"], finetune["R_avalanche"])
+
+
+@pytest.fixture(scope="module")
+def peers(agree):
+    spec = importlib.util.spec_from_file_location("agree_with_peers", ROOT / "perf" / "agree_with_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agree_with_peers"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["agree_with_peers"]
+
+
+def test_mas_agrees_with_avalanche_exactly_and_its_departures_show(peers, tmp_path, monkeypatch):
+    """MAS is deterministic given the batches: the latest-importance form equals Avalanche's MASPlugin with
+    alpha=0 (per-sample importance), while the paper's sum departs from Avalanche's running average."""
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "cache"))
+    # three tasks: the sum and Avalanche's average first differ in the penalty of task 3 (both are O_1 in task 2)
+    stream = make_stream("permuted-mnist", tasks=3, root=str(write_idx_dataset(tmp_path / "m", train=300, test=100)))
+    rows = peers.mas_comparisons(strength=10.0)
+    peers.compare(stream, rows, seed=1, lr=0.05, batch_size=32, model_args={"widths": (16,)})
+    latest, summed = rows[0].results, rows[1].results
+    assert latest["max_abs_diff"] <= 1e-6  # the same predictions: R identical to float rounding
+    assert summed["max_abs_diff"] > latest["max_abs_diff"]

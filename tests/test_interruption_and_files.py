@@ -26,7 +26,9 @@ def _sweep_until_first_records(store: Path, *args: str) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "clbench", "sweep", "--stream", "teacher-student", "--stream-arg", "input_dim=300",
            "--strategy", "finetune", "--strategy-arg", "epochs=40", "--strategy-arg", "batch_size=64",
            "--store", str(store), "--quiet", *args]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    # a shell's background job inherits SIGINT ignored, and Python then installs no handler: restore it
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not list(store.glob("*.json")) and p.poll() is None:
             time.sleep(0.05)

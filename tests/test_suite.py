@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -339,3 +340,22 @@ def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path
     for row in table.itertuples():
         if tune.search_space(suite, row.strategy):
             assert row.tuning_trials == budget and row.tuned != "-" and row.validation_score != "-", row.strategy
+
+
+def test_grid_comparison_says_where_over_the_grid_a_strategy_wins_and_loses():
+    grid_comparison = report.grid_comparison
+    rng = np.random.default_rng(0)
+    rows = []
+    for rho_a, mine, theirs in ((0.0, 0.8, 0.5), (0.5, 0.5, 0.5), (1.0, 0.2, 0.6)):  # win, tie, loss
+        args = json.dumps({"rho_a": rho_a, "tasks": 2}, sort_keys=True)
+        for seed in range(5):
+            noise = rng.normal(0, 0.01, 2)
+            rows += [{"stream_args": args, "strategy": "mine", "strategy_args": "{}", "seed": seed,
+                      "acc": mine + noise[0]},
+                     {"stream_args": args, "strategy": "other", "strategy_args": "{}", "seed": seed,
+                      "acc": theirs + noise[1]}]
+    runs = pd.DataFrame(rows)
+    text = grid_comparison(runs, "mine", "acc")
+    assert "vs other: wins at rho_a=0.0; loses at rho_a=1.0; ties at 1" in text
+    assert "wins at rho_a=1.0; loses at rho_a=0.0" in grid_comparison(runs, "mine", "acc", higher_is_better=False)
+    assert grid_comparison(runs[runs["stream_args"] == runs["stream_args"].iloc[0]], "mine") == ""  # one config

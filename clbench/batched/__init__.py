@@ -14,6 +14,8 @@ A strategy batches when its file registers a batched form (``@batched_form(Strat
 - :mod:`clbench.batched.adapter`: what a batched form implements, and its registry;
 - :mod:`clbench.batched.fisher`: the Fisher of every member at once;
 - :mod:`clbench.batched.continual`: every member's continual-evaluation curves (``run_batched(eval_every=K)``);
+- :mod:`clbench.batched.buffer`: every member's reservoir buffer at once;
+- :mod:`clbench.batched.optim`: optimizers for members at different learning rates;
 - :mod:`clbench.batched.group`: one lockstep batch, and :func:`run_batched`.
 """
 from clbench.batched.adapter import (
@@ -24,8 +26,9 @@ from clbench.batched.adapter import (
            batched_form,
            member_numbers,
 )
+from clbench.batched.buffer import ReservoirAdapter, StackedReservoir
 from clbench.batched.group import Group, run_batched, run_seeds
 from clbench.batched.stacked import Quadratic, Sharing, StackedLinear, StackedNet
 
-__all__ = ["Adapter", "Group", "Member", "Quadratic", "Sharing", "StackedLinear", "StackedNet", "adapter_for",
-           "batchable", "batched_form", "member_numbers", "run_batched", "run_seeds"]
+__all__ = ["Adapter", "Group", "Member", "Quadratic", "ReservoirAdapter", "Sharing", "StackedLinear", "StackedNet",
+           "StackedReservoir", "adapter_for", "batchable", "batched_form", "member_numbers", "run_batched", "run_seeds"]

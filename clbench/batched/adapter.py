@@ -66,6 +66,11 @@ class Adapter:
     def penalty(self) -> torch.Tensor | None:
         return None
 
+    def incoming_loss(self, outputs: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
+        """Per member (B,): the loss on the incoming batch of task t from all its output units (B, N, outputs);
+        the stream's loss through task t's head by default (ER-ACE masks logits first)."""
+        return self.g.per_sample_loss(self.g.head(outputs, t), y).mean(1)
+
     def extra_loss(self, x: torch.Tensor, y: torch.Tensor, t: int, loss: torch.Tensor, outputs: torch.Tensor,
                    sharing: Sharing | None) -> torch.Tensor:
         """loss plus any term on the batch (x, y) of task t; ``outputs`` are all output units (B, N, outputs)

@@ -10,7 +10,7 @@ import contextlib
 import json
 import math
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +109,37 @@ class Group:
         finally:
             self.rng_states[b] = (torch.get_rng_state(),
                                   torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None)
+
+    def draw(self, fn: Callable[[], Any]) -> list[Any]:
+        """``fn()`` for every member in its own random stream; members whose streams are equal draw once."""
+        drawn: dict[bytes, tuple] = {}
+        out = []
+        for b in range(self.B):
+            key = self.rng_key(b)
+            if key not in drawn:
+                with self.rng(b):
+                    value = fn()
+                drawn[key] = (value, self.rng_states[b])
+            value, self.rng_states[b] = drawn[key]
+            out.append(value)
+        return out
+
+    def replayed_loss(self, x: torch.Tensor, y: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Per member (B,): the stream's loss on a replayed batch (B, k, ...), each sample through its own task's
+        head and gates, averaged over the k samples (clbench.core.buffer.replayed_loss, batched)."""
+        k = task_ids.shape[1]
+        gates = [self.adapter.gates(j) for j in range(len(self.data))]
+        if all(d["head"] is None for d in self.data) and all(gate is None for gate in gates):
+            return self.per_sample_loss(self.net.forward(x), y).mean(1)  # every task reads the same outputs
+        total, plain = torch.zeros(self.B, device=self.dev), None
+        for j in torch.unique(task_ids).tolist():
+            if gates[j] is None:  # ungated tasks share one forward and differ in the head only
+                plain = self.net.forward(x) if plain is None else plain
+                out = self.head(plain, j)
+            else:
+                out = self.predict(x, j, gates[j])
+            total = total + (self.per_sample_loss(out, y) * (task_ids == j)).sum(1) / k
+        return total
 
     def predict(self, x: torch.Tensor, j: int, gates=None, sharing: Sharing | None = None,
                 capture: list | None = None) -> torch.Tensor:
@@ -337,7 +368,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                         y = d["train_y"][g.member_index, idx]
                         sharing = batch["sharing"]
                     out = g.net.forward(x, gates[t], sharing)
-                    loss = loss + g.per_sample_loss(g.head(out, t), y).mean(1)
+                    loss = loss + adapter.incoming_loss(out, y, t)
                     penalty = adapter.penalty()
                     if penalty is not None:
                         loss = loss + penalty

@@ -339,6 +339,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print(f"{name}: settings {t['chosen'] or '(defaults)'} ({how}), validation {score}")
     print(f"\n{suite.name} v{suite.version} (protocol {suite.protocol_hash}), ranked by {out['metric']} on the test sets:")
     print(report.format_table(out["table"], out["metric"], highlight=names[0] if len(names) == 1 else None))
+    if out["grid"]:  # a similarity grid: where the new strategy wins and loses, beside the averaged rank
+        print("\n" + out["grid"])
     print(f"\nwrote {out['csv']} and {out['png']}")
     return 0
 

@@ -85,6 +85,41 @@ def ranked(runs: pd.DataFrame, metric: str = "acc", higher_is_better: bool | Non
     return table
 
 
+def grid_comparison(runs: pd.DataFrame, strategy: str, metric: str = "acc",
+                    higher_is_better: bool | None = None) -> str:
+    """Where over a suite's stream configs (a similarity grid) ``strategy`` wins and loses against each other
+    strategy: at every config, a paired t-test over shared seeds at 95% (clbench.reporting.report.paired_tied);
+    configs are named by the stream arguments that vary. Empty when the runs hold one config."""
+    if higher_is_better is None:
+        higher_is_better = cl_metrics.higher_is_better(metric)
+    configs = sorted(runs["stream_args"].unique())
+    if len(configs) < 2 or strategy not in set(runs["strategy"]):
+        return ""
+    parsed = {c: json.loads(c) for c in configs}
+    varying = [k for k in parsed[configs[0]] if len({json.dumps(p.get(k)) for p in parsed.values()}) > 1]
+    name = lambda c: " ".join(f"{k}={parsed[c].get(k)}" for k in varying)  # noqa: E731
+    sign = 1 if higher_is_better else -1
+    per_seed = runs.groupby(["strategy", "strategy_args", "stream_args", "seed"])[metric].mean() * sign
+    mine = runs.loc[runs["strategy"] == strategy, "strategy_args"].iloc[0]
+    lines = [f"{strategy} over the {len(configs)} stream configs ({metric}; paired t-test over seeds at 95%):"]
+    for (other, args), _ in runs.groupby(["strategy", "strategy_args"], sort=False):
+        if other == strategy:
+            continue
+        verdict: dict[str, list[str]] = {"wins": [], "loses": [], "ties": []}
+        for c in configs:
+            try:
+                a, b = per_seed.loc[(strategy, mine, c)], per_seed.loc[(other, args, c)]
+            except KeyError:
+                continue
+            tied = paired_tied(a, b)
+            key = "ties" if tied in (True, None) else ("wins" if a.mean() > b.mean() else "loses")
+            verdict[key].append(name(c))
+        label = other + ("" if args == "{}" else " " + args.replace('"', ""))
+        parts = [f"{k} at {', '.join(v)}" if k != "ties" else f"ties at {len(v)}" for k, v in verdict.items() if v]
+        lines.append(f"  vs {label}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def format_table(table: pd.DataFrame, metric: str = "acc", highlight: str | None = None) -> str:
     """Plain-text table: '*' marks rows not distinguishable from the best, '>' the highlighted strategy."""
     lines = [f"{'':2}{'rank':>4}  {'strategy':<42} {metric + ' (95% CI)':>18} {'seeds':>5}  {'val':>6}  trials"]
