@@ -243,6 +243,18 @@ def test_storage_passwords_are_redacted():
     assert "s3cret" not in trials.redact("not a url user:s3cret@host")
 
 
+def test_a_written_summary_names_its_storage_relative_to_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a committed summary must not carry the path of the clone that wrote it
+    suite = suites.load(write_suite(tmp_path))
+    summary = tune.tune(suite, "l2", Path("results") / "tiny", progress=False)
+    written = json.loads(Path(summary["path"]).read_text())
+    assert written["storage"] == "sqlite:///results/tiny/tuning.db"
+    assert str(tmp_path) not in Path(summary["path"]).read_text()
+    assert len(study_of(summary).trials) == 3  # the returned summary still opens the study from anywhere
+    assert tune.portable("postgresql://u:***@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert tune.portable("sqlite:////elsewhere/t.db") == "sqlite:////elsewhere/t.db"
+
+
 BAD_SUITES = [
     ({"version = 1": "version = true"}, "version = N"),
     ({"seeds = [0, 1]": "seeds = [true, 1]"}, "seeds must be a non-empty list of integers"),

@@ -243,10 +243,23 @@ def _discard(study: Any, trial: Any, why: str) -> None:
     trials._requeue(study, trial)
 
 
+def portable(url: str) -> str:
+    """A SQLite URL whose file lies under the working folder, relative to it: what a committed summary shows
+    (a clone elsewhere opens the same file from its own root); any other URL as it is."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and Path(url[len(prefix):]).is_absolute():
+        try:
+            return prefix + Path(url[len(prefix):]).relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return url
+    return url
+
+
 def _write(store_dir: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
     from clbench.core.io import inside
 
     path = inside(store_dir / "tuning", f"{name}.json")
-    atomic_write(path, json.dumps(summary, indent=1, sort_keys=True, default=str))
+    written = {**summary, "storage": portable(summary["storage"])}
+    atomic_write(path, json.dumps(written, indent=1, sort_keys=True, default=str))
     summary["path"] = str(path)
     return summary
