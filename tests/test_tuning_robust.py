@@ -349,3 +349,35 @@ def test_batched_tuning_gives_each_setting_the_value_of_its_own_runs(tmp_path, m
     assert [t["value"] for t in together["trials"]] == pytest.approx([t["value"] for t in alone["trials"]], abs=1e-6)
     assert together["chosen"] == alone["chosen"]
     assert sizes == [4]  # batch="off" ran each trial alone
+
+
+def test_tuning_runs_on_the_stream_subset_the_suite_names(tmp_path, monkeypatch):
+    """``[tuning] streams`` (e.g. a grid's corners): tuning trains on those configs only, and a trial's value is
+    the mean of its runs there; the final rows still cover the whole grid."""
+    grid = STREAM_ARGS.replace("rho_a = 0.9", "rho_a = [0.0, 0.5, 1.0]")
+    path = write_suite(tmp_path, **{STREAM_ARGS: grid, "sampler_seed = 7": "sampler_seed = 7\nstreams = { rho_a = [0.0, 1.0] }"})
+    suite = suites.load(path)
+    assert [c["stream_args"]["rho_a"] for c in suite.tuning_streams()] == [0.0, 1.0]
+    assert len(suite.streams()) == 3
+    from clbench.experiments import sweep
+    seen = []
+    real = sweep._serial
+    monkeypatch.setattr(sweep, "_serial", lambda todo, *a: seen.extend(todo) or real(todo, *a))
+    summary = tune.tune(suite, "l2", tmp_path / "store", progress=False, batch="off")
+    assert {c["stream_args"]["rho_a"] for c in seen} == {0.0, 1.0} and len(seen) == 2 * 3  # 2 configs x 3 trials
+    strength = summary["trials"][0]["params"]["strength"]
+    cells = [c for c in seen if c["strategy_args"]["strength"] == strength]
+    alone = [next(iter(real([c], "cpu", None, None)))[1]["metrics"]["acc"] for c in cells]
+    assert summary["trials"][0]["value"] == pytest.approx(sum(alone) / 2, abs=1e-9)
+    assert suite.protocol_hash != suites.load(write_suite(tmp_path, "whole", **{STREAM_ARGS: grid})).protocol_hash
+
+
+@pytest.mark.parametrize("subset, message", [
+    ("streams = { rho = [0.0] }", "unknown key 'rho'; did you mean"),
+    ("streams = { rho_a = [0.3] }", "matches none of the suite's stream configs"),
+    ("streams = { rho_a = 0.0 }", "streams must be a table of stream arguments"),
+])
+def test_a_bad_tuning_subset_is_one_line_error(tmp_path, subset, message):
+    path = write_suite(tmp_path, **{"sampler_seed = 7": f"sampler_seed = 7\n{subset}"})
+    with pytest.raises(ClbenchError, match=re.escape(message)):
+        suites.load(path)

@@ -42,6 +42,7 @@ up in a file name, has letters, digits, '-', '_' and '.' only)::
     seeds = [100]                     # seeds of the tuning runs (disjoint from the final seeds)
     sampler_seed = 0
     space = { lr = ["log", 0.01, 0.2] }   # optional: searched for every strategy, on top of its own space
+    streams = { rho_a = [0.0, 1.0] }  # optional: tune on the stream configs whose args take these values only
 
     [continual]                       # optional: continual evaluation of every run (clbench.core.continual)
     eval_every = 50                   # training steps between evaluations; metric may then be min_acc or wc_acc
@@ -82,7 +83,7 @@ _TOP = {"name", "version", "description", "seeds", "device", "metric", "training
 _TABLES = {
     "training": {"epochs", "lr", "batch_size", "optimizer"},
     "validation": {"protocol", "share", "seed", "tasks"},
-    "tuning": {"trials", "seeds", "sampler_seed", "space"},
+    "tuning": {"trials", "seeds", "sampler_seed", "space", "streams"},
     "stream": {"name", "args", "model", "model_args"},
     "strategy": {"name", "args", "space"},
     "continual": {"eval_every", "eval_samples"},
@@ -130,6 +131,17 @@ class Suite:
 
         return [{"stream": s["name"], "stream_args": args, "model": s.get("model"), "model_args": s.get("model_args", {})}
                 for s in self.spec["stream"] for args in axes(s.get("args"))]
+
+    def tuning_streams(self) -> list[dict[str, Any]]:
+        """The stream configs tuning runs on: all of them, or those whose arguments take the values
+        ``[tuning] streams`` lists (e.g. a grid's corners)."""
+        return _pick(self.streams(), self.spec.get("tuning", {}).get("streams"))
+
+
+def _pick(configs: list[dict[str, Any]], subset: dict[str, list] | None) -> list[dict[str, Any]]:
+    if not subset:
+        return configs
+    return [c for c in configs if all(c["stream_args"].get(arg) in values for arg, values in subset.items())]
 
 
 def _is_int(value: Any) -> bool:
@@ -247,6 +259,8 @@ def _check(spec: dict[str, Any], where: str) -> None:
     if not _is_int(tuning.get("sampler_seed", 0)):
         raise ClbenchError(f"{where} [tuning]: sampler_seed must be an integer, got {tuning['sampler_seed']!r}")
     check_space(tuning.get("space", {}), f"{where} [tuning]")
+    if "streams" in tuning:
+        _check_tuning_streams(spec, tuning["streams"], where)
     for entry in spec.get("strategy", []):
         if "space" in entry:
             check_space(entry["space"], f"{where} [[strategy]] {entry['name']}")
@@ -259,6 +273,24 @@ def _check(spec: dict[str, Any], where: str) -> None:
     if metric not in METRICS:
         raise ClbenchError(f"{where}: metric {spec['metric']!r} unknown; use one of {', '.join(METRICS)} "
                            "(see clbench.core.metrics)")
+
+
+def _check_tuning_streams(spec: dict[str, Any], subset: Any, where: str) -> None:
+    """``[tuning] streams``: a table {arg = [values]} of stream axes that leaves at least one config."""
+    from clbench.experiments.sweep import axes
+
+    example = "streams = { rho_a = [0.0, 1.0], rho_b = [0.0, 1.0] }"
+    if not isinstance(subset, dict) or not subset or not all(isinstance(v, list) and v for v in subset.values()):
+        raise ClbenchError(f"{where} [tuning]: streams must be a table of stream arguments and the values tuning "
+                           f"uses, e.g. {example}; got {subset!r}")
+    configs = [{"stream_args": args} for s in spec["stream"] for args in axes(s.get("args"))]
+    names = {arg for c in configs for arg in c["stream_args"]}
+    for arg in subset:
+        if arg not in names:
+            raise unknown_key(arg, names, f"{where} [tuning] streams (the stream arguments)")
+    if not _pick(configs, subset):
+        raise ClbenchError(f"{where} [tuning]: streams = {subset!r} matches none of the suite's stream configs; "
+                           "list values the [[stream]] args take")
 
 
 def protocol(spec: dict[str, Any]) -> dict[str, Any]:
@@ -381,11 +413,13 @@ def final_split(suite: Suite) -> dict[str, Any] | None:
 
 
 def cells(suite: Suite, strategy: str, strategy_args: dict[str, Any], seeds: list[int],
-          split: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Sweep cells (see clbench.experiments.sweep) for one strategy config on every stream config of the suite."""
+          split: dict[str, Any] | None, extra: dict[str, Any] | None = None,
+          streams: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Sweep cells (see clbench.experiments.sweep) for one strategy config on every stream config of the suite
+    (or on ``streams``, a subset of them)."""
     args = {**suite.spec.get("training", {}), **strategy_args}
     out = []
-    for stream in suite.streams():
+    for stream in suite.streams() if streams is None else streams:
         for seed in seeds:
             cell = {**stream, "strategy": strategy, "strategy_args": args, "seed": int(seed), "suite": suite.tag}
             if "continual" in protocol(suite.spec):

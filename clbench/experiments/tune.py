@@ -1,7 +1,7 @@
 """Hyper-parameter selection for one strategy under a suite's protocol (Optuna).
 
 Objective: the suite metric of the whole continual run (e.g. final ACC), averaged
-over the suite's stream configs and tuning seeds, measured on the validation
+over the suite's stream configs (or the subset ``[tuning] streams`` names) and tuning seeds, measured on the validation
 split (never a test set; see clbench.experiments.suite), maximised or minimised as
 clbench.core.metrics.direction says. Every strategy gets the same number of counted
 trials. Trials live in an Optuna storage (SQLite file by default) that any number of
@@ -193,7 +193,8 @@ def _run_batch(study: Any, asked: list, suite: Suite, strategy: str, fixed: dict
         cells_by_id: dict[str, dict[str, Any]] = {}
         for trial in asked:
             params = _suggest(trial, space)
-            for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split):
+            for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split,
+                              streams=suite.tuning_streams()):
                 plan.setdefault(sweep.cell_id(cell), []).append(trial)
                 cells_by_id[sweep.cell_id(cell)] = cell
         todo = list(cells_by_id.values())
