@@ -310,32 +310,37 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 
 
 
-SUITE_BOARDS = ["permuted-fashion-mnist", "split-fashion-mnist-class", "split-fashion-mnist-task",
-                "similarity-permuted-fashion-mnist"]
+# Every committed suite board: (suite, version). A suite's records and board of version v >= 2 live in
+# results/<suite>-v<v>/ and <suite>-v<v>.csv; an older version's stay readable beside the current one's.
+SUITE_BOARDS = [("permuted-fashion-mnist", 1), ("split-fashion-mnist-class", 1), ("split-fashion-mnist-task", 1),
+                ("similarity-permuted-fashion-mnist", 1)]
 
 
-@pytest.mark.parametrize("name", SUITE_BOARDS)
-def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path, name):
-    from clbench import benchmark
-
-    results = ROOT / "leaderboards" / "results" / name
-    committed = ROOT / "leaderboards" / f"{name}.csv"
-    assert committed.is_file() and results.is_dir(), f"run the regeneration in leaderboards/README.md for {name}"
+@pytest.mark.parametrize("name, version", SUITE_BOARDS)
+def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path, name, version):
+    folder = name if version == 1 else f"{name}-v{version}"
+    results = ROOT / "leaderboards" / "results" / folder
+    committed = ROOT / "leaderboards" / f"{folder}.csv"
+    assert committed.is_file() and results.is_dir(), f"run the regeneration in leaderboards/README.md for {folder}"
     out = tmp_path / "regen.csv"
     leaderboard.write(leaderboard.build(Store(results)), out)
     assert committed.read_bytes() == out.read_bytes()
     # the ranked table `clbench benchmark` printed regenerates too (times excepted: they are means of stored times)
-    suite = suites.load(name)
-    ranked = report.ranked(benchmark.suite_runs(suite, results), suite.spec.get("metric", "acc"))
+    table = pd.read_csv(committed)
+    assert (table["suite_version"] == version).all() and table["protocol_hash"].nunique() == 1
+    metric = table["suite_metric"].iloc[0] if "suite_metric" in table else "acc"
+    ranked = report.ranked(leaderboard.runs_table(Store(results)), metric)
     old = pd.read_csv(results / "leaderboard.csv")
     new = pd.read_csv(pd.io.common.StringIO(ranked.to_csv(index=False, float_format="%.6g")))
     assert old.drop(columns="wall_time_s_mean").equals(new.drop(columns="wall_time_s_mean"))
-    # what a fair leaderboard carries: the suite version and protocol, >= 5 seeds, tuned settings and budget
-    table = pd.read_csv(committed)
-    assert (table["suite_version"] == suite.version).all() and (table["protocol_hash"] == suite.protocol_hash).all()
     assert (table["n_seeds"] >= 5).all()
-    listed = {e["name"] for e in suite.spec["strategy"]}
-    assert set(table["strategy"]) == listed
+    suite = suites.load(name)
+    if suite.version != version:  # an older protocol's board: readable, but the suite file now defines another
+        return
+    # what a fair leaderboard carries: the suite's protocol, >= 5 seeds, every listed strategy, tuned settings and
+    # the same budget for all
+    assert (table["protocol_hash"] == suite.protocol_hash).all()
+    assert set(table["strategy"]) == {e["name"] for e in suite.spec["strategy"]}
     budget = suite.spec["tuning"]["trials"]
     for row in table.itertuples():
         if tune.search_space(suite, row.strategy):
@@ -359,3 +364,46 @@ def test_grid_comparison_says_where_over_the_grid_a_strategy_wins_and_loses():
     assert "vs other: wins at rho_a=0.0; loses at rho_a=1.0; ties at 1" in text
     assert "wins at rho_a=1.0; loses at rho_a=0.0" in grid_comparison(runs, "mine", "acc", higher_is_better=False)
     assert grid_comparison(runs[runs["stream_args"] == runs["stream_args"].iloc[0]], "mine") == ""  # one config
+
+
+GRID_SUITE = TINY.replace("rho_a = 0.9, rho_b = 0.0", "rho_a = [0.0, 1.0], rho_b = [0.0, 1.0]").replace(
+    "latent_dim = 8", "latent_dim = [4, 8]").replace("tasks = 3", "tasks = 2").replace(
+    "seeds = [0, 1, 2, 3, 4]", "seeds = [0, 1]").replace("trials = 4", "trials = 2").replace("epochs = 20", "epochs = 5")
+
+
+def test_similarity_page_shows_each_strategys_maps_and_a_readable_tuning_table(tmp_path, capsys):
+    """A grid suite's page: one map figure per value of the other varying stream argument (as the readout
+    varies in the similarity suite), each with transfer, retention and retention minus finetune's; the
+    maps' numbers are the means of the records; the tuning is a table of settings, not JSON."""
+    from clbench.reporting import plots
+
+    browser = _chromium()
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID_SUITE.format(stream="teacher-student", extra=""))
+    store, page = tmp_path / "store", tmp_path / "grid.html"
+    assert cli.main(["benchmark", "--suite", str(path), "--store", str(store), "--quiet"]) == 0
+    capsys.readouterr()
+    runs = leaderboard.runs_table(Store(store))
+    groups = plots.similarity_groups(runs)
+    assert sorted(groups) == ["latent_dim=4", "latent_dim=8"]
+    grids = plots.map_grids(groups["latent_dim=8"])
+    assert list(grids) == ["transfer", "retention", "retention minus finetune"] and sorted(grids["retention"]) == ["finetune", "l2"]
+    records = [r for r in Store(store).records() if r["cell"]["stream_args"]["latent_dim"] == 8
+               and r["cell"]["stream_args"]["rho_a"] == 1.0 and r["cell"]["stream_args"]["rho_b"] == 0.0]
+    mean = {s: np.mean([r["metrics"]["retention"] for r in records if r["cell"]["strategy"] == s]) for s in ("finetune", "l2")}
+    assert grids["retention minus finetune"]["l2"].loc[1.0, 0.0] == pytest.approx(mean["l2"] - mean["finetune"], abs=1e-12)
+    assert (grids["retention minus finetune"]["finetune"].to_numpy() == 0).all()
+    code, _, err = run_cli(capsys, "leaderboard", "--store", str(store), "--output", str(tmp_path / "g.csv"),
+                           "--html", str(page))
+    assert code == 0, err
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    for group in ("latent_dim=4", "latent_dim=8"):
+        assert f'alt="{group}: transfer, retention, retention minus finetune over (rho_a, rho_b)"' in dom
+    tuned = dom.split('id="tuning"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td>", tuned)
+    assert [r[0] for r in rows] == ["finetune", "l2"]
+    assert rows[1][1].startswith("strength = ") and rows[1][3] == "2 / 2" and float(rows[1][2]) > 0
+    assert rows[0][1] == "nothing to tune"
+    provenance = dom.split("<h2>Provenance</h2>")[1].split("</table>")[0]
+    assert "{" not in provenance and "validation" in provenance

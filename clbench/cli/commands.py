@@ -382,8 +382,11 @@ def _add_plot(sub) -> None:
     kind = p.add_subparsers(dest="plot_kind", metavar="KIND", parser_class=_Parser, required=True)
     m = kind.add_parser("matrix", help="heatmap of R from a result JSON (clbench run --output)")
     m.add_argument("result")
-    s = kind.add_parser("similarity", help="transfer and retention over (rho_a, rho_b) per strategy, from a store; "
-                                           "with continual evaluation also the stability gap (OUTPUT-stability-gap.png)")
+    s = kind.add_parser("similarity", help="transfer, retention and retention minus finetune's over (rho_a, rho_b), "
+                                           "one row per strategy, from a store; with continual evaluation also the "
+                                           "stability gap (a column, and OUTPUT-stability-gap.png); runs that also "
+                                           "differ in another stream argument get one file each "
+                                           "(OUTPUT-readout-latent.png)")
     s.add_argument("--store", required=True)
     lb = kind.add_parser("leaderboard", help="bar chart of a leaderboard CSV")
     lb.add_argument("csv")
@@ -426,7 +429,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
         runs = leaderboard.runs_table(Store(args.store, create=False))
         if runs.empty:
             raise ClbenchError(f"no records in {args.store}; run `clbench sweep ... --store {args.store}` first")
-        plots.similarity_maps(runs, args.output)
+        groups = plots.similarity_groups(runs)
+        for group, part in groups.items():  # e.g. one figure per readout: X-readout-latent.png
+            path = args.output if len(groups) == 1 else plots.group_path(args.output, group)
+            check_output_file(path)
+            plots.similarity_maps(part, path, group or None)
+            if path != args.output:
+                print(f"wrote {path}")
+        if len(groups) > 1:
+            return 0
         if runs["stability_gap"].notna().any():  # the sweep evaluated continually: the gap map beside it
             gap = plots.gap_map_path(args.output)
             check_output_file(gap)

@@ -24,6 +24,14 @@ def strategy_labels(table: pd.DataFrame) -> pd.Series:
     return table["strategy"] + args.where(args == "{}", " " + args).where(args != "{}", "")
 
 
+def map_labels(table: pd.DataFrame) -> pd.Series:
+    """Names for map panels: the strategy's name alone when each strategy has one config among these rows
+    (a suite's tuned settings are in its tuning table), else 'name {args}'."""
+    full = strategy_labels(table)
+    one_each = (full.groupby(table["strategy"]).nunique() == 1).all()
+    return table["strategy"].astype(str) if one_each else full
+
+
 def _read_text(path: str | os.PathLike, what: str, fix: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -79,13 +87,13 @@ def accuracy_matrix(result_json: str | os.PathLike, output: str | os.PathLike) -
 
 
 def similarity_grids(runs: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per strategy config ('name {args}'): the mean of ``metric`` over seeds (and diverged runs left out) on
+    """Per strategy config (named by :func:`map_labels`): the mean of ``metric`` over seeds (and diverged runs left out) on
     the (rho_a, rho_b) grid, rho_a down the index, rho_b across the columns."""
     args = runs["stream_args"].map(json.loads)
     if not args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
         raise ClbenchError("similarity maps need runs whose stream args set both rho_a and rho_b")
     runs = runs.assign(rho_a=args.map(lambda a: a["rho_a"]), rho_b=args.map(lambda a: a["rho_b"]),
-                       label=strategy_labels(runs))
+                       label=map_labels(runs))
     if "diverged" in runs:
         runs = runs[~runs["diverged"].astype(bool)]
     return {label: runs[runs["label"] == label].pivot_table(index="rho_a", columns="rho_b", values=metric,
@@ -104,24 +112,92 @@ def _grid_panel(ax, grid: pd.DataFrame, title: str, **imshow) -> Any:
     return image
 
 
-def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
-    """Mean transfer and retention over seeds on the (rho_a, rho_b) grid, one column per strategy config."""
-    grids = {m: similarity_grids(runs, m) for m in ("transfer", "retention")}
-    labels = list(grids["transfer"])
-    per_row = min(len(labels), 3)  # strategies per row of the figure, each a transfer and a retention panel
-    rows = -(-len(labels) // per_row)
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.6 * per_row + 1.5, 3.2 * rows + 0.8), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[2 * len(labels):]:
-        ax.set_visible(False)
-    for k, label in enumerate(labels):
-        for m, metric in enumerate(("transfer", "retention")):
-            image = _grid_panel(axes[k // per_row, 2 * (k % per_row) + m], grids[metric][label],
-                                f"{label}\n{metric}", cmap="RdBu", vmin=-1, vmax=1)
-    fig.colorbar(image, ax=axes, label="score", shrink=0.8)
-    fig.suptitle("Transfer and retention over task similarity (mean over seeds)")
-    fig.savefig(output, dpi=110)
+def similarity_groups(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The runs split by the stream arguments besides rho_a and rho_b that vary among them (e.g. the readout):
+    ``{"readout=latent": runs, ...}``, or ``{"": runs}`` when only the grid varies. Each is one map figure."""
+    args = runs["stream_args"].map(json.loads)
+    keys = sorted({k for a in args for k in a} - {"rho_a", "rho_b"})
+    varying = [k for k in keys if args.map(lambda a, k=k: json.dumps(a.get(k))).nunique() > 1]
+    if not varying:
+        return {"": runs}
+    name = args.map(lambda a: ", ".join(f"{k}={a.get(k)}" for k in varying))
+    return {n: runs[name == n] for n in sorted(name.unique())}
+
+
+def _write_values(ax, grid: pd.DataFrame, dark: Any) -> None:
+    """Each cell's value in it (white where ``dark(value)``), '-' where there is none."""
+    for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+        ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="w" if not np.isnan(v) and dark(v) else "k")
+
+
+def map_columns(runs: pd.DataFrame) -> list[str]:
+    """The columns of :func:`similarity_maps` for these runs."""
+    labels = set(map_labels(runs))
+    return (["transfer", "retention"] + (["retention minus finetune"] if "finetune" in labels and len(labels) > 1 else [])
+            + (["stability gap"] if "stability_gap" in runs and runs["stability_gap"].notna().any() else []))
+
+
+def map_grids(runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+    """What :func:`similarity_maps` draws: ``{column: {strategy config: (rho_a x rho_b) grid of means}}``."""
+    columns = map_columns(runs)
+    grids = {"transfer": similarity_grids(runs, "transfer"), "retention": similarity_grids(runs, "retention")}
+    if "retention minus finetune" in columns:
+        base = grids["retention"]["finetune"]
+        grids["retention minus finetune"] = {k: g - base for k, g in grids["retention"].items()}
+    if "stability gap" in columns:
+        grids["stability gap"] = similarity_grids(runs, "stability_gap")
+    return grids
+
+
+def similarity_maps(runs: pd.DataFrame, output: str | os.PathLike, title: str | None = None) -> None:
+    """One row per strategy config over the (rho_a, rho_b) grid, means over seeds, each cell's value written in
+    it: transfer and retention on one shared scale, retention minus finetune's (one symmetric scale for all rows),
+    and the stability gap (one scale) when the runs evaluated continually. Runs that also differ in another
+    stream argument (e.g. the readout) belong in separate figures: see :func:`similarity_groups`."""
+    grids = map_grids(runs)
+    columns = list(grids)
+    labels = sorted(grids["transfer"], key=lambda label: (label != "finetune", label))
+
+    def span(column: str) -> tuple[float, float]:
+        values = np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids[column].values()])
+        values = values[np.isfinite(values)]
+        top = float(np.abs(values).max()) if values.size else 1.0
+        if column == "stability gap":
+            return 0.0, max(top, 1e-3)
+        if column == "retention minus finetune":
+            return -max(top, 0.05), max(top, 0.05)
+        return -1.0, 1.0  # scores: 1 is perfect, 0 is the untrained model, below 0 worse than it
+
+    scales = {c: span(c) for c in columns}
+    scales["transfer"] = scales["retention"]  # the one shared scale of the two scores
+    cmaps = {"transfer": "RdBu", "retention": "RdBu", "retention minus finetune": "PuOr", "stability gap": "magma_r"}
+    fig, axes = plt.subplots(len(labels), len(columns), figsize=(2.7 * len(columns) + 1.8, 2.4 * len(labels) + 1.4),
+                             squeeze=False, layout="constrained")
+    images = {}
+    for r, label in enumerate(labels):
+        for c, column in enumerate(columns):
+            ax, (low, high) = axes[r, c], scales[column]
+            grid = grids[column][label]
+            images[column] = _grid_panel(ax, grid, column if r == 0 else "", cmap=cmaps[column], vmin=low, vmax=high)
+            far = (lambda v: v > low + 0.6 * (high - low)) if column == "stability gap" else \
+                (lambda v: abs(v) > 0.6 * high)
+            _write_values(ax, grid, far)
+            ax.set_ylabel(f"{textwrap.fill(label, 26)}\n\ninput similarity rho_a" if c == 0 else "")
+            if r < len(labels) - 1:
+                ax.set_xlabel("")
+    for c, column in enumerate(columns):
+        fig.colorbar(images[column], ax=axes[:, c], location="bottom", shrink=0.85, aspect=25, label=column)
+    fig.suptitle(f"{title + chr(10) if title else ''}Over task similarity: input rho_a (rows), readout rho_b (columns); means over seeds")
+    fig.savefig(output, dpi=90)
     plt.close(fig)
+
+
+def group_path(output: str | os.PathLike, group: str) -> str:
+    """Where a group's maps go (see :func:`similarity_groups`): X-readout-latent.png for group 'readout=latent'."""
+    root, ext = os.path.splitext(str(output))
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in group.replace("=", "-").replace(", ", "-"))
+    return f"{root}-{tag}{ext or '.png'}"
 
 
 def gap_map_path(output: str | os.PathLike) -> str:
@@ -147,9 +223,7 @@ def stability_gap_maps(runs: pd.DataFrame, output: str | os.PathLike) -> None:
         ax.set_visible(False)
     for ax, (label, grid) in zip(axes.flat, grids.items()):
         image = _grid_panel(ax, grid, textwrap.fill(label, 44), cmap="magma_r", vmin=low, vmax=high)
-        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
-            ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="w" if v > low + 0.6 * (high - low) else "k")
+        _write_values(ax, grid, lambda v: v > low + 0.6 * (high - low))
     fig.colorbar(image, ax=axes, label="stability gap (mean over seeds)", shrink=0.8)
     fig.suptitle("Stability gap over task similarity")
     fig.savefig(output, dpi=110)

@@ -184,9 +184,35 @@ sortBy(0, true, false);
 """
 
 
+def readable(value: Any) -> str:
+    """A provenance value as text: ``k = v, ...`` for a table, ``a, b`` for a list, numbers to 4 digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} = {readable(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(v) for v in value) if not any(isinstance(v, (list, dict)) for v in value) \
+            else "[" + "; ".join(readable(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def tuning_rows(tuning: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per tuned strategy: chosen settings, validation score, trials counted / budget, searched space."""
+    rows = []
+    for t in sorted(tuning, key=lambda t: t["strategy"]):
+        space = {k: f"{v[0]} {readable(list(v[1:]))}" for k, v in (t.get("space") or {}).items()}
+        score = t.get("validation_score")
+        rows.append([t["strategy"], readable(t.get("chosen")) if t.get("chosen") else t.get("note", "-"),
+                     "-" if score is None else f"{score:.4f}",
+                     f"{t.get('trials_counted', 0)} / {t.get('budget_trials', '-')}",
+                     readable(space), readable(t.get("fixed_args"))])
+    return rows
+
+
 def html_page(table: pd.DataFrame, title: str, provenance: dict[str, Any], images: dict[str, bytes],
-              metric: str = "acc") -> str:
-    """One self-contained page: the table (click a header to sort), provenance, PNG plots as base64."""
+              metric: str = "acc", tuning: list[dict[str, Any]] | None = None) -> str:
+    """One self-contained page: the table (click a header to sort), each strategy's tuning, provenance, PNG plots
+    as base64."""
     cols = [c for c in table.columns if not c.endswith("_ci95")]
     esc = html.escape
     head = "".join(f'<th data-numeric="{str(pd.api.types.is_numeric_dtype(table[c])).lower()}">{esc(c)}</th>'
@@ -206,8 +232,13 @@ def html_page(table: pd.DataFrame, title: str, provenance: dict[str, Any], image
             cls = ' class="tied"' if c == "tied_with_best" and v in ("best", "yes") else ""
             cells.append(f'<td data-v="{esc(str(v))}"{cls}>{esc(shown)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    prov = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
-                   for k, v in provenance.items())
+    prov = "".join(f"<tr><th>{esc(k)}</th><td>{esc(readable(v))}</td></tr>" for k, v in provenance.items())
+    tuned = ""
+    if tuning:
+        heads = ("strategy", "chosen settings", "validation score", "trials / budget", "searched", "fixed")
+        tuned = ('<h2>Tuning</h2><table id="tuning"><thead><tr>' + "".join(f"<th>{h}</th>" for h in heads)
+                 + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                                                    for row in tuning_rows(tuning)) + "</tbody></table>")
     figs = "".join(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                    f"<figcaption>{esc(name)}</figcaption></figure>" for name, png in images.items())
     return f"""<!DOCTYPE html>
@@ -223,6 +254,7 @@ whether a paired t-test over seeds (95%) can tell the row from the best. Click a
 <table id="board"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
+{tuned}
 <h2>Provenance</h2><table>{prov}</table>
 <h2>Plots</h2>{figs}
 <script>{_SORT_JS}</script>
@@ -265,11 +297,10 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
         table = ranked(runs, metric)
         provenance.update(suite=suite["name"], suite_version=str(suite["version"]),
                           protocol_hash=suite["protocol_hash"], seeds=sorted(set(runs["seed"].tolist())))
-        for path in sorted(Path(store_dir, "tuning").glob("*.json")):
-            t = json.loads(path.read_text())
-            provenance[f"tuning {t['strategy']}"] = {k: t.get(k) for k in ("chosen", "validation_score",
-                                                     "trials_counted", "budget_trials", "space", "validation",
-                                                     "tuning_seeds", "note") if k in t}
+        tuning = [json.loads(path.read_text()) for path in sorted(Path(store_dir, "tuning").glob("*.json"))]
+        if tuning:
+            first = tuning[0]
+            provenance.update(validation=first.get("validation"), tuning_seeds=first.get("tuning_seeds"))
         images["ranked chart"] = png_bytes(lambda out: chart(table, out, metric, title=title or suite["name"]))
     else:
         metric = "acc"
@@ -277,10 +308,10 @@ def page_from_store(store_dir: str | os.PathLike, title: str | None = None) -> t
         table.insert(0, "row", range(1, len(table) + 1))
         images["leaderboard chart"] = png_bytes(lambda out: plots.draw_leaderboard(table.drop(columns=["row"]), out))
     args = runs["stream_args"].map(json.loads)
-    if args.map(lambda a: "rho_a" in a and "rho_b" in a).all():
-        if "transfer" in runs and runs["transfer"].notna().any():
-            images["transfer and retention over (rho_a, rho_b)"] = png_bytes(lambda out: plots.similarity_maps(runs, out))
-        if runs["stability_gap"].notna().any():
-            images["stability gap over (rho_a, rho_b)"] = png_bytes(lambda out: plots.stability_gap_maps(runs, out))
+    if args.map(lambda a: "rho_a" in a and "rho_b" in a).all() and "transfer" in runs and runs["transfer"].notna().any():
+        for group, part in plots.similarity_groups(runs).items():
+            name = f"{group + ': ' if group else ''}{', '.join(plots.map_columns(part))} over (rho_a, rho_b)"
+            heading = f"{title or (suite['name'] if suite else 'runs')}{' · ' + group if group else ''}"
+            images[name] = png_bytes(lambda out, part=part, heading=heading: plots.similarity_maps(part, out, heading))
     title = title or (f"{suite['name']} v{suite['version']}" if suite else f"Leaderboard: {store_dir}")
-    return html_page(table, title, provenance, images, metric), len(table)
+    return html_page(table, title, provenance, images, metric, tuning if suite else []), len(table)
