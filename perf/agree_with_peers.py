@@ -242,7 +242,7 @@ MAMMOTH_RUNS = {  # Mammoth model and arguments -> clbench strategy and argument
 }
 
 
-def write_mammoth_data(mammoth: Path, train_samples: int, test_samples: int) -> None:
+def write_mammoth_data(mammoth: Path, train_samples: int | None, test_samples: int | None) -> None:
     """Fashion-MNIST, subsampled as clbench's split stream does with seed 0, where Mammoth's MNIST loader
     (torchvision's, legacy processed files) reads it: ``data/MNIST/{MNIST,MyMNIST}/processed``."""
     stream = make_stream("split-fashion-mnist", scenario="class", train_samples=train_samples,
@@ -257,10 +257,11 @@ def write_mammoth_data(mammoth: Path, train_samples: int, test_samples: int) -> 
 
 
 def mammoth_acc(mammoth: Path, python: str, dataset: str, model: str, extra: list[str], seed: int,
-                tasks: int | None) -> float:
+                tasks: int | None, lr: float = 0.1, batch_size: int = 32, epochs: int = 1) -> float:
     """Mammoth's final accuracy (percent / 100) from its log line ``Raw accuracy values: Class-IL [...]``."""
-    cmd = [python, "main.py", "--dataset", dataset, "--model", model, "--seed", str(seed), "--lr", "0.1",
-           "--n_epochs", "1", "--batch_size", "32", "--non_verbose", "1", "--num_workers", "0", *extra]
+    cmd = [python, "main.py", "--dataset", dataset, "--model", model, "--seed", str(seed), "--lr", str(lr),
+           "--n_epochs", str(epochs), "--batch_size", str(batch_size), "--non_verbose", "1", "--num_workers", "0",
+           *extra]
     if tasks:
         cmd += ["--stop_after", str(tasks)]
     out = subprocess.run(cmd, cwd=mammoth, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
@@ -300,9 +301,82 @@ def part_mammoth(args) -> None:
                   f"{verdict(a, b) if b else ''} |", flush=True)
 
 
+# --- Mammoth at a suite's protocol and tuned settings ------------------------------------------------------------
+
+def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[str, list[str], dict[str, Any]] | None:
+    """Mammoth's model and flags for a clbench strategy at ``args`` (its tuned and fixed settings), and the
+    clbench arguments that run the same method; None where Mammoth has no counterpart."""
+    memory = str(args.get("buffer_size", args.get("memory_size", 500)))
+    replay = ["--buffer_size", memory, "--minibatch_size", str(args.get("replay_batch_size") or batch_size)]
+    if strategy == "finetune":
+        return "sgd", [], args
+    if strategy == "replay":
+        return "er", replay, args
+    if strategy == "a-gem":
+        return "agem", replay, args
+    if strategy == "der":
+        return "der", replay + ["--alpha", str(args.get("alpha", 1.0))], args
+    if strategy == "der++":
+        return "derpp", replay + ["--alpha", str(args.get("alpha", 1.0)), "--beta", str(args.get("beta", 0.5))], args
+    if strategy == "er-ace":
+        return "er_ace", replay, args
+    if strategy == "si":  # Zenke et al.'s c and xi on both sides (clbench's default xi is 1e-3)
+        return "si", ["--c", str(args.get("c", 0.1)), "--xi", str(args.get("xi", 1e-3))], args
+    if strategy == "lwf":
+        return "lwf", ["--alpha", str(args.get("alpha", 1.0)), "--softmax_temp", str(args.get("temperature", 2.0))], args
+    if strategy == "ewc-diag":  # Mammoth has the online form only: e_lambda * sum F d^2 = (strength / 2) sum F d^2
+        return "ewc_on", ["--e_lambda", str(args["strength"] / 2), "--gamma", "1.0"], {**args, "form": "online"}
+    if strategy == "icarl":
+        return "icarl", ["--buffer_size", memory], args
+    return None
+
+
+def part_suite(args) -> None:
+    """Both sides at a suite's protocol (its model, optimiser, lr, batch and epochs, all training images) and at
+    the settings its committed tuning chose, on the suite's first ``--perm-tasks`` tasks."""
+    import json
+
+    from clbench.experiments import suite as suites
+
+    suite = suites.load(args.suite)
+    training = dict(suite.spec.get("training", {}))
+    lr, batch, epochs = float(training["lr"]), int(training["batch_size"]), int(training.get("epochs", 1))
+    config = suite.streams()[0]
+    dataset = "perm-mnist" if config["stream"] == "permuted-fashion-mnist" else "seq-mnist"
+    mammoth = Path(args.mammoth) if args.mammoth else None
+    if mammoth:
+        write_mammoth_data(mammoth, None, None)  # every image
+    stream_args = {**config["stream_args"], "seed": 0}
+    if dataset == "perm-mnist":
+        stream_args["tasks"] = args.perm_tasks
+    stream = make_stream(config["stream"], **stream_args)
+    chosen = {}
+    for path in sorted((suite.results_dir / "tuning").glob("*.json")):
+        t = json.loads(path.read_text())
+        chosen[t["strategy"]] = {**t["fixed_args"], **t["chosen"]}
+    print(f"{suite.name} v{suite.version}: {dataset}, {len(stream.tasks)} tasks, all training images, "
+          f"MLP 784-100-100-10, {training.get('optimizer', 'sgd')} lr {lr}, batch {batch}, {epochs} epoch(s), "
+          f"settings from {suite.results_dir.name}/tuning\n")
+    print(f"| clbench / Mammoth | settings | clbench ACC ({args.mammoth_seeds} seeds) | Mammoth ACC | Welch |\n"
+          "| --- | --- | --- | --- | --- |")
+    for name in args.suite_strategies.split(","):
+        mapped = mammoth_args(name, chosen.get(name, {}), batch) if name in chosen else None
+        if mapped is None:
+            print(f"| {name} | - | no committed tuning or no Mammoth counterpart | | |", flush=True)
+            continue
+        model, extra, ours = mapped
+        a = [clbench_acc(stream, name, ours, s, lr, batch, epochs) for s in range(args.mammoth_seeds)]
+        b = [mammoth_acc(mammoth, args.mammoth_python, dataset, model, extra, s,
+                         args.perm_tasks if dataset == "perm-mnist" else None, lr, batch, epochs)
+             for s in range(args.mammoth_seeds)] if mammoth else []
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(ours.items()))
+        print(f"| {name} / {model} | {shown} | {fmt(a)} | {fmt(b) if b else 'not run'} | "
+              f"{verdict(a, b) if b else ''} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="mas,memory", help="comma-separated: mas, memory, mammoth")
+    parser.add_argument("--parts", default="mas,memory", help="comma-separated: mas, memory, mammoth, suite")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="the seed of the exact (MAS) comparison")
     parser.add_argument("--train-samples", type=int, default=2000)
@@ -317,12 +391,17 @@ def main() -> None:
     parser.add_argument("--protocols", default="seq-mnist,perm-mnist", type=lambda s: s.split(","),
                         help="Mammoth protocols: seq-mnist (class-IL 5 x 2), perm-mnist")
     parser.add_argument("--perm-tasks", type=int, default=3)
+    parser.add_argument("--suite", help="part 'suite': a suite whose protocol and committed tuned settings both "
+                                        "sides run (e.g. permuted-fashion-mnist)")
+    parser.add_argument("--suite-strategies", default="finetune,ewc-diag,si,replay,a-gem,der++,er-ace")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     parts = args.parts.split(",")
     lr, batch_size = 0.1, 32
-    print(f"class-incremental split Fashion-MNIST, {args.train_samples} training images ({args.test_samples} test), "
-          f"MLP 784-100-100-10, SGD lr {lr}, batch {batch_size}, 1 epoch, torch threads {torch.get_num_threads()}\n")
+    if {"mas", "memory", "mammoth"} & set(parts):
+        print(f"class-incremental split Fashion-MNIST, {args.train_samples} training images ({args.test_samples} "
+              f"test), MLP 784-100-100-10, SGD lr {lr}, batch {batch_size}, 1 epoch, torch threads "
+              f"{torch.get_num_threads()}\n")
     if "mas" in parts or "memory" in parts:
         stream = make_stream("split-fashion-mnist", scenario="class", train_samples=args.train_samples,
                              test_samples=args.test_samples, seed=0)
@@ -334,6 +413,8 @@ def main() -> None:
             print()
     if "mammoth" in parts:
         part_mammoth(args)
+    if "suite" in parts:
+        part_suite(args)
 
 
 if __name__ == "__main__":
