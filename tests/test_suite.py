@@ -256,11 +256,13 @@ def test_leaderboard_refuses_to_mix_protocols(ranked_store, tmp_path, capsys):
     changed = path.read_text().replace("share = 0.2", "share = 0.25")
     path2 = root / "suites" / "tiny2.toml"
     path2.write_text(changed.replace("version = 1", "version = 2"))
-    shutil.copytree(committed, root / "leaderboards" / "results" / "tiny2", dirs_exist_ok=True)
+    suite2 = suites.load(path2)
+    assert suite2.results_dir == root / "leaderboards" / "results" / "tiny2-v2"  # a new version's records live apart
+    shutil.copytree(committed, suite2.results_dir, dirs_exist_ok=True)
     from clbench import benchmark
 
     with pytest.raises(ClbenchError, match="never mixes protocols"):
-        benchmark.suite_runs(suites.load(path2), tmp_path / "empty")
+        benchmark.suite_runs(suite2, tmp_path / "empty")
 
 
 def _chromium() -> str | None:
