@@ -101,6 +101,20 @@ def test_split_streams_class_and_task_incremental(mnist_root, tmp_path):
         make_stream("split-cifar100", classes_per_task=7, root=str(tmp_path / "c"))
 
 
+def test_domain_incremental_split_shares_one_head_of_the_task_size(mnist_root):
+    from clbench import make_strategy, run
+
+    class_il = make_stream("split-mnist", shuffle_classes=True, seed=3, root=mnist_root)
+    s = make_stream("split-mnist", scenario="domain", shuffle_classes=True, seed=3, root=mnist_root)
+    assert s.scenario == "domain" and s.num_outputs == 2 and all(t.head is None for t in s)
+    for a, b in zip(class_il, s):  # the same samples; the target is the class's position in its task
+        first, second = a.metadata["classes"]
+        assert torch.equal(a.train_x, b.train_x)
+        assert torch.equal(b.train_y, (a.train_y == second).long()) and set(a.train_y.tolist()) == {first, second}
+    result = run(s, make_strategy("finetune", epochs=1), seed=0, progress=False)
+    assert len(result.R) == 6 and all(0.0 <= v <= 1.0 for v in result.R[-1])
+
+
 def test_augmentation_crops_and_flips_on_the_device():
     from clbench.data.transforms import RandomCropFlip
 
