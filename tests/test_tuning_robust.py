@@ -381,3 +381,26 @@ def test_a_bad_tuning_subset_is_one_line_error(tmp_path, subset, message):
     path = write_suite(tmp_path, **{"sampler_seed = 7": f"sampler_seed = 7\n{subset}"})
     with pytest.raises(ClbenchError, match=re.escape(message)):
         suites.load(path)
+
+
+def test_a_best_setting_at_the_edge_of_its_range_is_flagged(tmp_path, capsys):
+    """A best setting at an end of its range means the range cut the search short: the summary, `clbench tune`
+    and the page say so."""
+    assert tune.at_edge({"strength": 0.0011}, {"strength": ("log", 0.001, 10.0)}) == {"strength": "lower"}
+    assert tune.at_edge({"strength": 9.0}, {"strength": ("log", 0.001, 10.0)}) == {"strength": "upper"}
+    assert tune.at_edge({"strength": 0.1}, {"strength": ("log", 0.001, 10.0)}) == {}
+    assert tune.at_edge({"w": 0.97}, {"w": ("float", 0.0, 1.0)}) == {"w": "upper"}
+    assert tune.at_edge({"k": "a"}, {"k": ("choice", ["a", "b"])}) == {}
+    # l2 on a task where no penalty is best, over a range far above it: the first trial (queued at the lower
+    # end) is best, at the edge
+    path = write_suite(tmp_path, **{'name = "l2"': 'name = "l2"\nspace = { strength = ["log", 1000.0, 1000000.0] }'})
+    suite = suites.load(path)
+    name = tune.study_name(suite, "l2", {}, tune.search_space(suite, "l2"))
+    (tmp_path / "s").mkdir()
+    optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 's' / 'tuning.db'}",
+                        direction="maximize").enqueue_trial({"strength": 1001.0})
+    code = cli.main(["tune", "--suite", str(path), "--strategy", "l2", "--store", str(tmp_path / "s"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "warning: the best setting lies at the edge of the searched range (strength at the lower end" in out
+    written = json.loads(next((tmp_path / "s" / "tuning").glob("*l2*.json")).read_text())
+    assert written["at_edge"] == {"strength": "lower"}

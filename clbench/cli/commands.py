@@ -321,7 +321,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
         print(f"{name}: chosen {t['chosen'] or t.get('note')}, validation {t['metric']} {score}, "
               f"{t['trials_counted']}/{t['budget_trials']} trials{state}; summary {t['path']}")
+        if t.get("at_edge"):
+            print(f"  warning: {edge_note(t['at_edge'], t['space'])}")
     return 0
+
+
+def edge_note(edge: dict[str, str], space: dict[str, Any]) -> str:
+    """What a search whose best setting lies at an end of its range should tell the user."""
+    where = ", ".join(f"{arg} at the {side} end of {list(space[arg])}" for arg, side in sorted(edge.items()))
+    return (f"the best setting lies at the edge of the searched range ({where}): the best may lie outside it; "
+            "widen it with a [[strategy]] space in the suite (a new search)")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -337,6 +346,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         score = "-" if t["validation_score"] is None else f"{t['validation_score']:.4f}"
         how = t.get("note") or f"tuned, {t['trials_counted']} trials"
         print(f"{name}: settings {t['chosen'] or '(defaults)'} ({how}), validation {score}")
+        if t.get("at_edge"):
+            print(f"  warning: {edge_note(t['at_edge'], t['space'])}")
     print(f"\n{suite.name} v{suite.version} (protocol {suite.protocol_hash}), ranked by {out['metric']} on the test sets:")
     print(report.format_table(out["table"], out["metric"], highlight=names[0] if len(names) == 1 else None))
     if out["grid"]:  # a similarity grid: where the new strategy wins and loses, beside the averaged rank

@@ -62,6 +62,24 @@ def _suggest(trial: Any, space: dict[str, tuple]) -> dict[str, Any]:
     return params
 
 
+EDGE = 0.05  # a chosen number within this share of its range's width (log width for "log") from an end
+
+
+def at_edge(chosen: dict[str, Any], space: dict[str, tuple]) -> dict[str, str]:
+    """The chosen arguments that lie at an end of their searched range: ``{arg: "lower" | "upper"}``. The best
+    setting at an edge means the range cut the search short: widen it (the suite's [[strategy]] space)."""
+    out = {}
+    for arg, dim in space.items():
+        if dim[0] not in ("log", "float", "int") or arg not in chosen:
+            continue
+        scale = math.log if dim[0] == "log" else float
+        low, high, value = scale(dim[1]), scale(dim[2]), scale(chosen[arg])
+        share = (value - low) / (high - low)
+        if share <= EDGE or share >= 1 - EDGE:
+            out[arg] = "lower" if share <= EDGE else "upper"
+    return out
+
+
 def study_name(suite: Suite, strategy: str, fixed: dict[str, Any], space: dict[str, tuple]) -> str:
     """One study per (suite protocol, strategy, fixed arguments, search space); a minimised metric's study has
     its own name, apart from any maximised study of that metric an older store holds."""
@@ -170,6 +188,9 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     # chosen floats rounded to 4 significant digits: readable leaderboard rows, and well inside what the
     # validation score can resolve
     chosen = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in best.params.items()}
+    edge = at_edge(best.params, space)
+    if edge:
+        summary["at_edge"] = edge
     summary.update(chosen=chosen, validation_score=best.value, trials_counted=len(done),
                    finished=len(done) >= budget,
                    trials=[{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name,

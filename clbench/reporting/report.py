@@ -202,7 +202,10 @@ def tuning_rows(tuning: list[dict[str, Any]]) -> list[list[str]]:
     for t in sorted(tuning, key=lambda t: t["strategy"]):
         space = {k: f"{v[0]} {readable(list(v[1:]))}" for k, v in (t.get("space") or {}).items()}
         score = t.get("validation_score")
-        rows.append([t["strategy"], readable(t.get("chosen")) if t.get("chosen") else t.get("note", "-"),
+        chosen = readable(t.get("chosen")) if t.get("chosen") else t.get("note", "-")
+        if t.get("at_edge"):
+            chosen += " (at the " + ", ".join(f"{side} edge of {arg}" for arg, side in sorted(t["at_edge"].items())) + ")"
+        rows.append([t["strategy"], chosen,
                      "-" if score is None else f"{score:.4f}",
                      f"{t.get('trials_counted', 0)} / {t.get('budget_trials', '-')}",
                      readable(space), readable(t.get("fixed_args"))])
