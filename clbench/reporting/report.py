@@ -200,7 +200,7 @@ def tuning_rows(tuning: list[dict[str, Any]]) -> list[list[str]]:
     """One row per tuned strategy: chosen settings, validation score, trials counted / budget, searched space."""
     rows = []
     for t in sorted(tuning, key=lambda t: t["strategy"]):
-        space = {k: f"{v[0]} {readable(list(v[1:]))}" for k, v in (t.get("space") or {}).items()}
+        space = {k: f"{v[0]} [{readable(list(v[1:]))}]" for k, v in (t.get("space") or {}).items()}
         score = t.get("validation_score")
         chosen = readable(t.get("chosen")) if t.get("chosen") else t.get("note", "-")
         if t.get("at_edge"):
