@@ -54,6 +54,18 @@ def test_joint_trains_on_all_seen_tasks():
     assert joint["retention"] > fine["retention"] + 0.5
 
 
+def test_joint_descends_the_mean_of_the_task_losses():
+    """Two identical tasks, full batch: joint's step (the mean of the two tasks' losses) is finetune's step on one
+    of them, so the runs agree; a sum would double the step."""
+    s = make_stream("teacher-student", tasks=2, rho_a=1.0, rho_b=1.0, mode="exact", input_dim=30, latent_dim=6)
+    assert torch.equal(s[0].train_x, s[1].train_x) and torch.equal(s[0].train_y, s[1].train_y)
+    fine = run(s, make_strategy("finetune", epochs=5, lr=0.5), device="cpu", seed=0, progress=False)
+    joint = run(s, make_strategy("joint", epochs=5, lr=0.5), device="cpu", seed=0, progress=False)
+    assert np.allclose(joint.R, fine.R, atol=1e-6)
+    doubled = run(s, make_strategy("finetune", epochs=5, lr=1.0), device="cpu", seed=0, progress=False)
+    assert not np.allclose(doubled.R[1], joint.R[1], atol=1e-4)
+
+
 def test_divergence_keeps_computed_rows():
     with pytest.raises(TrainingDiverged, match="lower the learning rate") as info:
         run(small_stream(), make_strategy("finetune", lr=50.0), device="cpu", progress=False)

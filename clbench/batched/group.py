@@ -373,6 +373,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                     if penalty is not None:
                         loss = loss + penalty
                     loss = adapter.extra_loss(x, y, t, loss, out, sharing)
+                loss = loss / len(train_on)  # as the engine: the mean over the tasks trained on
                 for p in g.net.params:
                     p.grad = None
                 loss.sum().backward()  # members do not interact: each gets its own loss's gradient

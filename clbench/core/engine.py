@@ -360,6 +360,7 @@ def run(
                     idx = order[(step * bs) % len(order):][:bs]
                     with autocast:
                         loss = loss + strategy.training_loss(t.inputs(t.train_x[idx], train=True), t.train_y[idx], t)
+                loss = loss / len(train_on)  # several tasks (joint): their mean, so the step does not grow with them
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 strategy.after_backward()

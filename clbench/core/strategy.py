@@ -5,7 +5,7 @@ The engine calls, in order::
     model = strategy.setup(model, stream)          # once
     for task in stream:
         strategy.before_task(task)
-        for each step:  loss = sum(strategy.training_loss(x, y, t) for t in strategy.train_tasks(task, seen))
+        for each step:  loss = mean(strategy.training_loss(x, y, t) for t in strategy.train_tasks(task, seen))
                         loss.backward(); strategy.after_backward()   # may edit the gradients
                         optimizer step; strategy.after_step()
         strategy.after_task(task)                  # Fisher, anchors, freezing ...
@@ -100,7 +100,8 @@ class Strategy:
         """Called before training on ``task``."""
 
     def train_tasks(self, task: Task, seen: list[Task]) -> list[Task]:
-        """The tasks whose training data the current task trains on (one batch of each per step)."""
+        """The tasks whose training data the current task trains on (one batch of each per step, the step's loss
+        the mean of theirs)."""
         return [task]
 
     def forward(self, x: torch.Tensor, task: Task) -> torch.Tensor:
