@@ -315,7 +315,7 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 # Every committed suite board: (suite, version). A suite's records and board of version v >= 2 live in
 # results/<suite>-v<v>/ and <suite>-v<v>.csv; an older version's stay readable beside the current one's.
 SUITE_BOARDS = [("permuted-fashion-mnist", 1), ("split-fashion-mnist-class", 1), ("split-fashion-mnist-task", 1),
-                ("similarity-permuted-fashion-mnist", 1)]
+                ("similarity-permuted-fashion-mnist", 1), ("permuted-fashion-mnist", 2)]
 
 
 @pytest.mark.parametrize("name, version", SUITE_BOARDS)
@@ -347,6 +347,11 @@ def test_committed_suite_leaderboards_regenerate_from_committed_records(tmp_path
     for row in table.itertuples():
         if tune.search_space(suite, row.strategy):
             assert row.tuning_trials == budget and row.tuned != "-" and row.validation_score != "-", row.strategy
+    # no search stopped at the edge of its range (the best might lie beyond it)
+    for path in sorted((results / "tuning").glob("*.json")):
+        t = json.loads(path.read_text())
+        space = {k: tuple(v) for k, v in t["space"].items()}
+        assert not tune.at_edge(t["chosen"], space), (t["strategy"], t["chosen"], t["space"])
 
 
 def test_grid_comparison_says_where_over_the_grid_a_strategy_wins_and_loses():
