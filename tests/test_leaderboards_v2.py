@@ -2,6 +2,8 @@
 to rank must be visible, so a broken protocol cannot be committed (Buzzega et al. 2020; Hsu et al. 2018;
 Hiratani 2024)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -42,6 +44,28 @@ def test_permuted_v2_finetune_forgets_and_joint_is_above_it():
     for strategy in sorted(set(table["strategy"]) & set(MEMORY)):
         assert interval(per_seed(table, strategy, "acc"))[0] > finetune[1], strategy
     assert abs(per_seed(table, "joint", "forgetting").mean()) < 0.05
+
+
+def test_similarity_v2_learns_each_task_and_follows_hiratani():
+    """Every config learns task 1 before it is overwritten; finetune's retention is lowest at high input and low
+    readout similarity (rho_a = 1, rho_b = 0: the same inputs, other targets), in both readouts; and full-Fisher
+    EWC improves retention over the grid more than diagonal EWC, which improves it more than L2 (Hiratani 2024:
+    full-Fisher regularisation improves retention; diagonal and Euclidean ones are much less robust)."""
+    suite = suites.load("similarity-permuted-fashion-mnist")
+    for record in Store(suite.results_dir, create=False).records():
+        if record["cell"]["strategy"] == "finetune":
+            assert record["R"][1][0] >= 0.7, record["cell"]["stream_args"]  # score on task 1 after task 1
+    table = runs("similarity-permuted-fashion-mnist")
+    point = table["stream_args"].map(json.loads)
+    table = table.assign(rho_a=point.map(lambda a: a["rho_a"]), rho_b=point.map(lambda a: a["rho_b"]),
+                         readout=point.map(lambda a: a["readout"]))
+    assert set(table["readout"]) == {"classification", "latent"}
+    for readout, part in table.groupby("readout"):
+        retention = {s: g.groupby(["rho_a", "rho_b"])["retention"].mean() for s, g in part.groupby("strategy")}
+        finetune = retention["finetune"]
+        assert len(finetune) == 9 and finetune.idxmin() == (1.0, 0.0), readout
+        gain = {s: (r - finetune).mean() for s, r in retention.items()}
+        assert gain["ewc-full"] > gain["ewc-diag"] > gain["l2"] and gain["ewc-full"] > 0.1, (readout, gain)
 
 
 if __name__ == "__main__":  # pragma: no cover
