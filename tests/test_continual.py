@@ -3,6 +3,7 @@ own evaluation) and their metrics (against slow references written from the pape
 import dataclasses
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -433,6 +434,8 @@ def test_suite_page_with_continual_evaluation_shows_worst_case_columns_in_a_head
     import subprocess
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None and os.environ.get("CLBENCH_REQUIRE_BROWSER") == "1":
+        pytest.fail("CLBENCH_REQUIRE_BROWSER=1 but chromium is not installed (apt-get install chromium)")
     if browser is None:
         pytest.skip("needs a headless browser: apt-get install chromium")
     from clbench.experiments.store import Store
