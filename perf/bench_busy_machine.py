@@ -4,7 +4,9 @@ Runs the same permuted Fashion-MNIST protocol as ``bench_vs_avalanche.py`` (MLP 
 batch 128, one epoch a task) for clbench and for Avalanche 0.6, each in a fresh process, first on a quiet
 machine and then while this script keeps one busy-loop process per core running. clbench is also run with
 ``OMP_WAIT_POLICY=ACTIVE`` (OpenMP's spinning waiters, torch's default before clbench sets ``PASSIVE``) to
-show what the setting buys. Prints each wall time and each slowdown (busy / quiet).
+show what the setting buys, and through the ``clbench run`` command, which chooses its thread count from the
+machine's load (clbench.core.threads), as well as through the Python API, which keeps torch's. Prints each
+wall time and each slowdown (busy / quiet).
 
     python perf/bench_busy_machine.py [--tasks 2] [--skip-avalanche]
 """
@@ -16,6 +18,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,10 +30,20 @@ def spin() -> None:
 
 
 def timed(side: str, tasks: int, env: dict[str, str]) -> float:
-    """Wall time of one run of ``side`` in a fresh interpreter (so OMP_WAIT_POLICY takes effect)."""
-    code = (f"import sys, json, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, {str(HERE)!r}); "
-            f"import bench_vs_avalanche as b; t, acc = b.{side}_run({tasks}, 1, 'cpu'); print(json.dumps([t, acc]))")
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True,
+    """Wall time of one run of ``side`` in a fresh interpreter (so OMP_WAIT_POLICY takes effect), imports
+    excluded. ``command`` is ``clbench run`` through the CLI, which picks its thread count from the load;
+    ``clbench`` is the Python API with torch's default thread count."""
+    if side == "command":
+        argv = ["run", "--stream", "permuted-fashion-mnist", "--stream-arg", f"tasks={tasks}", "--stream-arg",
+                "seed=0", "--strategy", "finetune", "--strategy-arg", "lr=0.05", "--strategy-arg", "epochs=1",
+                "--strategy-arg", "batch_size=128", "--device", "cpu", "--quiet"]
+        code = ("import json, time; from clbench.cli.commands import main; t = time.perf_counter(); "
+                f"assert main({argv!r}) == 0; print(json.dumps([time.perf_counter() - t]))")
+    else:
+        code = (f"import sys, json, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, {str(HERE)!r}); "
+                f"import bench_vs_avalanche as b; t, acc = b.{side}_run({tasks}, 1, 'cpu'); print(json.dumps([t, acc]))")
+    environ = {k: v for k, v in os.environ.items() if k != "CLBENCH_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**environ, **env}, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])[0]
 
@@ -45,21 +58,30 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"permuted Fashion-MNIST {args.tasks} tasks x 1 epoch, background load: {cores} busy-loop processes")
-    runs = {"clbench": ("clbench", {}), "clbench, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"}),
-            "clbench, 1 thread": ("clbench", {"OMP_NUM_THREADS": "1"})}
+    runs = {"clbench run (threads from the load)": ("command", {}),
+            "clbench API (torch's threads)": ("clbench", {}),
+            "clbench API, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"}),
+            "clbench API, 1 thread": ("clbench", {"OMP_NUM_THREADS": "1"})}
     if not args.skip_avalanche:
         runs["avalanche"] = ("avalanche", {})
+    print(f"quiet machine: load average {os.getloadavg()[0]:.1f}")
     quiet = {label: timed(side, args.tasks, env) for label, (side, env) in runs.items()}
     load = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cores)]
     for p in load:
         p.start()
     try:
+        # the load average is a 1-minute moving average: let it see the load before clbench run reads it
+        waited = 0
+        while os.getloadavg()[0] < cores - 0.5 and waited < 180:
+            time.sleep(5)
+            waited += 5
+        print(f"background load running; load average {os.getloadavg()[0]:.1f} after {waited} s")
         busy = {label: timed(side, args.tasks, env) for label, (side, env) in runs.items()}
     finally:
         for p in load:
             p.terminate()
     for label in runs:
-        print(f"{label:34s} quiet {quiet[label]:7.1f} s   busy {busy[label]:7.1f} s   "
+        print(f"{label:38s} quiet {quiet[label]:7.1f} s   busy {busy[label]:7.1f} s   "
               f"slowdown {busy[label] / quiet[label]:5.1f}x")
 
 

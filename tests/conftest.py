@@ -7,6 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The commands' thread count follows the machine's load (clbench.core.threads); tests compare records across
+# commands, so they fix it (tests/test_threads.py covers the load-following choice).
+os.environ.setdefault("CLBENCH_THREADS", str(min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ def _add_run(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast (CUDA)")
     p.add_argument("--output", metavar="FILE.json", help="write the full result as JSON")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's); same seed + same threads = same R bit for bit")
+                   help="torch CPU threads (default: torch's, fewer when other processes keep cores busy; "
+                        "$CLBENCH_THREADS); same seed + same threads = same R bit for bit")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     _add_continual(p)
 
@@ -194,7 +195,8 @@ def _add_sweep(sub) -> None:
                    help="'processes': this machine (default); 'ray': one Ray task per cell "
                         "(pip install 'clbench[ray]')")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads per run (default: all cores for one job, cores/jobs for several, "
+                   help="torch CPU threads per run (default: the cores other processes leave idle, or "
+                        "$CLBENCH_THREADS, shared among the jobs; "
                         "--cpus-per-run on Ray); same seed + same threads = same R bit for bit")
     p.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="Ray head to connect to (default: $RAY_ADDRESS, else a new local Ray instance)")
@@ -658,12 +660,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_showwarning = warnings.showwarning
 
 
+def _choose_threads(args: argparse.Namespace) -> None:
+    """For the commands that train, without --threads: $CLBENCH_THREADS, else no more torch threads than the
+    cores other processes leave idle (clbench.core.threads), said in one line when that is fewer."""
+    if args.command not in ("run", "sweep", "tune", "benchmark", "reproduce", "pretrain") or \
+            getattr(args, "threads", None) is not None:
+        return
+    import torch
+
+    from clbench.core.threads import default_threads, usable_cores
+
+    chosen, current = default_threads(), torch.get_num_threads()
+    if os.environ.get("CLBENCH_THREADS", "").strip():
+        torch.set_num_threads(chosen)
+    elif chosen < current:
+        if not getattr(args, "quiet", False):
+            print(f"clbench: other processes keep {usable_cores() - chosen} of {usable_cores()} CPU cores busy "
+                  f"(load average {os.getloadavg()[0]:.1f}); torch uses {chosen} thread(s) instead of {current} "
+                  "(--threads N or CLBENCH_THREADS=N to choose)", file=sys.stderr)
+        torch.set_num_threads(chosen)
+
+
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from clbench.core.registry import load_plugin
 
     plugins = list(args.plugin) + [p for p in os.environ.get("CLBENCH_PLUGINS", "").split(":") if p]
     for plugin in plugins:
         load_plugin(plugin)
+    _choose_threads(args)
     handlers = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain, "data": cmd_data,
                 "sweep": cmd_sweep, "leaderboard": cmd_leaderboard, "plot": cmd_plot,
                 "tune": cmd_tune, "benchmark": cmd_benchmark, "reproduce": cmd_reproduce}

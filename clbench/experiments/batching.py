@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Iterator
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from clbench.batched import Member, batchable, run_batched
 from clbench.batched.group import DEFAULT_MEMORY_MB
 from clbench.core.errors import ClbenchError, env_number
+from clbench.core.threads import default_threads
 from clbench.core.types import Stream
 from clbench.experiments.cells import cell_record, cell_stream, cell_stream_key, process_pool, run_cell
 
@@ -135,7 +135,7 @@ def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, 
         for cells in batches:
             yield from iter_cells(cells, device, threads, commit=commit, memory_mb=budget)
         return
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or default_threads(jobs)
     with process_pool(jobs) as pool:  # Ctrl-C cancels the queue and stops the workers at once
         futures = {pool.submit(run_cells, cells, device, threads, commit, tuple(LOADED_PLUGINS), budget): cells
                    for cells in batches}

@@ -44,6 +44,7 @@ import tomllib
 from clbench.core.continual import continual_options
 from clbench.core.errors import ClbenchError, Interrupted, cpu_limit, unknown_key, warn
 from clbench.core.registry import LOADED_PLUGINS
+from clbench.core.threads import default_threads
 from clbench.experiments.batching import parse_batch, plan, run_cells, sweep_outcomes
 from clbench.experiments.cells import (  # noqa: F401
     SYNTHETIC_CACHE_MB,
@@ -164,7 +165,7 @@ def _serial(todo: list[dict[str, Any]], device: str, commit: str | None, threads
 def in_processes(todo: list[dict[str, Any]], device: str, commit: str | None, jobs: int,
                  threads: int | None) -> Iterator[Outcome]:
     """Each cell run in one of ``jobs`` worker processes (see process_pool); outcomes as they finish."""
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or default_threads(jobs)
     plugins = tuple(LOADED_PLUGINS)
     with process_pool(jobs) as pool:
         futures = {pool.submit(run_cell, c, device, threads, commit, "local", plugins): c for c in todo}

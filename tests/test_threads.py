@@ -1,0 +1,71 @@
+"""The commands' default thread count follows the cores other processes leave idle (clbench.core.threads)."""
+import json
+import os
+
+import pytest
+import torch
+
+from clbench.cli.commands import main
+from clbench.core.errors import ClbenchError
+from clbench.core.threads import default_threads, idle_cores
+
+
+@pytest.mark.parametrize("load, cores, idle", [
+    (0.0, 2, 2),   # quiet
+    (1.0, 2, 2),   # only the caller runs
+    (2.0, 2, 1),   # the caller and one other process
+    (3.0, 2, 1),   # others on every core: one thread, never zero
+    (2.4, 4, 3),   # rounded to the nearest core
+    (2.6, 4, 2),
+    (0.0, 1, 1),
+])
+def test_idle_cores_are_the_cores_less_the_others_load(load, cores, idle):
+    assert idle_cores(load, cores) == idle
+
+
+def test_default_threads_share_the_cores_among_jobs(monkeypatch):
+    monkeypatch.setenv("CLBENCH_THREADS", "1")
+    assert default_threads(1) == 1 and default_threads(3) == 1
+    monkeypatch.delenv("CLBENCH_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_threads(1) == 4 and default_threads(2) == 2 and default_threads(8) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    assert default_threads(1) == 1
+
+
+@pytest.mark.parametrize("raw", ["two", "0", "-1", "1.5"])
+def test_a_bad_thread_count_in_the_environment_is_one_clear_error(monkeypatch, raw):
+    monkeypatch.setenv("CLBENCH_THREADS", raw)
+    with pytest.raises(ClbenchError, match=r"CLBENCH_THREADS"):
+        default_threads()
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_run_on_a_busy_machine_uses_fewer_threads_and_says_so(monkeypatch, tmp_path, capsys, restore_threads):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: there is no thread to give up")
+    torch.set_num_threads(2)
+    monkeypatch.delenv("CLBENCH_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # every core busy with others' work
+    out = tmp_path / "r.json"
+    args = ["run", "--stream", "teacher-student", "--strategy", "finetune", "--output", str(out)]
+    assert main(args) == 0
+    assert "torch uses 1 thread(s) instead of 2" in capsys.readouterr().err
+    assert json.loads(out.read_text())["config"]["threads"] == 1
+
+    torch.set_num_threads(2)  # --threads wins over the load
+    assert main(args + ["--threads", "2", "--quiet"]) == 0
+    assert json.loads(out.read_text())["config"]["threads"] == 2
+
+    torch.set_num_threads(2)  # a quiet machine keeps torch's default, without a word
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert main(args) == 0
+    assert "thread" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["config"]["threads"] == 2
