@@ -257,14 +257,14 @@ def write_mammoth_data(mammoth: Path, train_samples: int | None, test_samples: i
 
 
 def mammoth_acc(mammoth: Path, python: str, dataset: str, model: str, extra: list[str], seed: int,
-                tasks: int | None, lr: float = 0.1, batch_size: int = 32, epochs: int = 1) -> float:
+                tasks: int | None, lr: float = 0.1, batch_size: int = 32, epochs: int = 1, threads: int = 1) -> float:
     """Mammoth's final accuracy (percent / 100) from its log line ``Raw accuracy values: Class-IL [...]``."""
     cmd = [python, "main.py", "--dataset", dataset, "--model", model, "--seed", str(seed), "--lr", str(lr),
            "--n_epochs", str(epochs), "--batch_size", str(batch_size), "--non_verbose", "1", "--num_workers", "0",
            *extra]
     if tasks:
         cmd += ["--stop_after", str(tasks)]
-    out = subprocess.run(cmd, cwd=mammoth, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1",
+    out = subprocess.run(cmd, cwd=mammoth, capture_output=True, text=True, env={"OMP_NUM_THREADS": str(threads),
                                                                                 "PATH": "/usr/bin:/bin"})
     lines = [l for l in (out.stdout + out.stderr).splitlines() if "Raw accuracy values" in l]
     if not lines:

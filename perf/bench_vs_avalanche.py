@@ -35,7 +35,8 @@ def clbench_run(tasks: int, epochs: int, device: str) -> tuple[float, float]:
     return time.perf_counter() - start, result.metrics["acc"]
 
 
-def avalanche_run(tasks: int, epochs: int, device: str) -> tuple[float, float]:
+def avalanche_run(tasks: int, epochs: int, device: str, widths: tuple[int, ...] = (400, 400),
+                  lr: float = 0.05) -> tuple[float, float]:
     from avalanche.benchmarks.classic import PermutedMNIST
     from avalanche.training.supervised import Naive
 
@@ -50,8 +51,8 @@ def avalanche_run(tasks: int, epochs: int, device: str) -> tuple[float, float]:
     start = time.perf_counter()
     torch.manual_seed(0)
     benchmark = PermutedMNIST(tasks, seed=0, dataset_root=root)
-    model = build_model("mlp", (1, 28, 28), 10, widths=(400, 400))
-    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=128,
+    model = build_model("mlp", (1, 28, 28), 10, widths=widths)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), train_mb_size=128,
                      train_epochs=epochs, eval_mb_size=1024, device=device, evaluator=None)
     for experience in benchmark.train_stream:
         strategy.train(experience)
