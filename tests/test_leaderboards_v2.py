@@ -46,6 +46,17 @@ def test_permuted_v2_finetune_forgets_and_joint_is_above_it():
     assert abs(per_seed(table, "joint", "forgetting").mean()) < 0.05
 
 
+def test_class_incremental_v2_finetune_predicts_the_last_task_and_memory_methods_beat_it():
+    table = runs("split-fashion-mnist-class")
+    finetune = per_seed(table, "finetune", "acc")
+    assert 0.15 <= finetune.mean() <= 0.25  # about 1/5: only the last task's two classes are predicted
+    assert per_seed(table, "finetune", "forgetting").mean() >= 0.7  # every earlier task forgotten
+    for strategy in sorted(set(table["strategy"]) & set(MEMORY)):
+        assert per_seed(table, strategy, "acc").mean() > finetune.mean() + 0.15, strategy
+    if "joint" in set(table["strategy"]):
+        assert interval(per_seed(table, "joint", "acc"))[0] > interval(finetune)[1]
+
+
 def test_similarity_v2_learns_each_task_and_follows_hiratani():
     """Every config learns task 1 before it is overwritten; finetune's retention is lowest at high input and low
     readout similarity (rho_a = 1, rho_b = 0: the same inputs, other targets), in both readouts; and full-Fisher
