@@ -25,15 +25,18 @@ from clbench.experiments.suite import Suite, cells, final_split, protocol
 
 
 def final_rows(suite: Suite, strategy: str, store_dir: str | os.PathLike, settings: dict[str, Any] | None = None,
-               executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
+               executor: str = "processes", jobs: int | str = 1, address: str | None = None, device: str | None = None,
                storage: str | None = None, progress: bool = True, batch: str | int = "auto") -> dict[str, Any]:
     """Tune (unless ``settings``) and run the final test rows of one strategy (its seeds batched unless
-    ``batch="off"``); returns the tuning summary."""
+    ``batch="off"``); returns the tuning summary. ``jobs="auto"``: see clbench.experiments.batching.resolve_jobs."""
     from clbench.experiments import tune
+    from clbench.experiments.batching import parse_batch, resolve_jobs
     from clbench.experiments.store import Store
     from clbench.experiments.sweep import run_sweep
 
     fixed = dict(suite.strategy_entry(strategy).get("args", {}))
+    jobs = resolve_jobs(jobs, strategy, parse_batch(batch), executor, device or suite.spec.get("device", "cpu"),
+                        say=progress)
     if settings:
         summary = {"chosen": dict(settings), "validation_score": None, "trials_counted": 0, "space": {},
                    "note": "settings given on the command line; not tuned"}
@@ -106,7 +109,7 @@ def suite_runs(suite: Suite, store_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def benchmark(suite: Suite, strategies: list[str], store_dir: str | os.PathLike,
-              settings: dict[str, Any] | None = None, executor: str = "processes", jobs: int = 1,
+              settings: dict[str, Any] | None = None, executor: str = "processes", jobs: int | str = 1,
               address: str | None = None, device: str | None = None, storage: str | None = None,
               progress: bool = True, batch: str | int = "auto") -> dict[str, Any]:
     """Tune and run every strategy in ``strategies``, then rank; writes ``<store>/leaderboard.{csv,png}``."""

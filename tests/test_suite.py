@@ -219,6 +219,8 @@ def test_benchmark_ranks_a_plugin_strategy_end_to_end(ranked_store, capsys):
     # the row's records: tuned settings, budget and validation score, suite tag
     records = list(Store(mine).records())
     assert len(records) == 5
+    # no batched form: --jobs auto ran its runs in one worker process per core ($CLBENCH_THREADS), a thread each
+    assert {r["config"]["threads"] for r in records} == {1} and os.getpid() not in {r["worker"]["pid"] for r in records}
     cell = records[0]["cell"]
     assert cell["suite"]["name"] == "tiny" and cell["suite"]["version"] == 1
     assert cell["tuning"]["trials"] == 4 and cell["tuning"]["searched"] == ["strength"]

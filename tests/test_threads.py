@@ -69,3 +69,34 @@ def test_a_run_on_a_busy_machine_uses_fewer_threads_and_says_so(monkeypatch, tmp
     assert main(args) == 0
     assert "thread" not in capsys.readouterr().err
     assert json.loads(out.read_text())["config"]["threads"] == 2
+
+
+def test_jobs_auto_gives_a_process_per_core_to_strategies_that_train_one_run_at_a_time(monkeypatch, tmp_path):
+    from clbench.core.registry import load_plugin, register_strategy
+    from clbench.core.strategy import Strategy
+    from clbench.experiments.batching import resolve_jobs
+
+    monkeypatch.setenv("CLBENCH_THREADS", "2")
+    assert resolve_jobs("auto", "icarl") == 2          # no batched form: a process per core
+    assert resolve_jobs("auto", "ewc-diag") == 1       # one batched model uses every thread
+    assert resolve_jobs("auto", "ewc-diag", batch="off") == 2
+    assert resolve_jobs("auto", "icarl", device="cuda") == 1
+    assert resolve_jobs("auto", "icarl", executor="ray") == 1
+    assert resolve_jobs(3, "icarl") == 3 and resolve_jobs("3", "ewc-diag") == 3
+    monkeypatch.setenv("CLBENCH_THREADS", "1")
+    assert resolve_jobs("auto", "icarl") == 1
+    monkeypatch.setenv("CLBENCH_THREADS", "2")
+
+    @register_strategy("test-jobs-local", replace=True)
+    class Local(Strategy):  # registered by this process only: a fresh worker would not know the name
+        pass
+
+    assert resolve_jobs("auto", "test-jobs-local") == 1
+    plugin = tmp_path / "jobs_plugin.py"
+    plugin.write_text("from clbench import Strategy, register_strategy\n\n"
+                      "@register_strategy('test-jobs-plugin', replace=True)\nclass P(Strategy):\n    pass\n")
+    load_plugin(str(plugin))
+    assert resolve_jobs("auto", "test-jobs-plugin") == 2  # the workers load the plugin again
+    for bad in (0, "0", "two", -1):
+        with pytest.raises(ClbenchError, match="--jobs takes auto or a whole number"):
+            resolve_jobs(bad, "icarl")

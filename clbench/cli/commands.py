@@ -249,7 +249,10 @@ def _add_suite_common(p) -> None:
     p.add_argument("--strategy", help="comma-separated strategy names (default: every strategy the suite lists)")
     p.add_argument("--store", help="results folder (default: clbench-results/SUITE)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STORE/tuning.db)")
-    p.add_argument("--jobs", type=int, default=1, help="local worker processes for trials and final runs")
+    p.add_argument("--jobs", default="auto", metavar="auto|N",
+                   help="local worker processes for trials and final runs: auto (default) runs a strategy without "
+                        "a batched form (or any with --batch off) in one process per idle core, one thread each, "
+                        "and a batched one in 1; N: that many")
     p.add_argument("--batch", default="auto", metavar="auto|N|off",
                    help="ask several trials at once (TPE with constant liar) and train their runs, and the final "
                         "seeds, together as one batched model: auto (default: 8 trials per job), N trials at a "
@@ -300,8 +303,10 @@ def _suite_setup(args: argparse.Namespace):
     for plugin in args.suite_plugin:
         load_plugin(plugin)
     suite = suites.load(args.suite)
-    if args.jobs < 1:
-        raise ClbenchError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs != "auto":
+        from clbench.experiments.batching import resolve_jobs
+
+        args.jobs = resolve_jobs(args.jobs, "")  # a number: checked, and taken as it is
     if args.address and args.executor != "ray":
         raise ClbenchError("--address applies to --executor ray only (the Ray head to run trials on)")
     names = args.strategy.split(",") if args.strategy else [e["name"] for e in suite.spec.get("strategy", [])]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -145,3 +146,43 @@ def sweep_outcomes(todo: list[dict[str, Any]], device: str, commit: str | None, 
                 yield from future.result()
             else:
                 yield from ((cell, None, error) for cell in futures[future])
+
+
+def _worker_can_import(obj: Any) -> bool:
+    """Whether a fresh worker process knows ``obj``: built in, or registered by a loaded plugin (which the
+    workers load again), not by code that only this process ran."""
+    from clbench.core.registry import LOADED_PLUGINS
+
+    module = getattr(obj, "__module__", "") or ""
+    return module.split(".")[0] in ("clbench", "strategies", "streams") or module.startswith("clbench_plugin_") or \
+        any(module == p or module.startswith(p + ".") for p in LOADED_PLUGINS)
+
+
+def resolve_jobs(jobs: int | str, strategy: str, batch: str | int = "auto", executor: str = "processes",
+                 device: str = "cpu", say: bool = False) -> int:
+    """``jobs="auto"``: one worker process per core to use (clbench.core.threads.default_threads) for a
+    strategy whose runs train one at a time (no batched form, or ``batch="off"``) on the CPU: single runs of
+    small models gain more from a process per core than from more threads (docs/performance.md); else 1,
+    since one batched model already uses every thread. A number is taken as it is. ``say``: one stderr line
+    when auto chose several processes."""
+    from clbench.batched.adapter import _ADAPTERS
+    from clbench.core.registry import lookup
+
+    if jobs != "auto":
+        try:
+            n = int(jobs)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1:
+            raise ClbenchError(f"--jobs takes auto or a whole number of worker processes (at least 1), got {jobs!r}")
+        return n
+    cls = lookup("strategy", strategy)
+    if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls) or \
+            (batch != "off" and cls in _ADAPTERS):
+        return 1
+    n = default_threads(1)
+    if say and n > 1:
+        why = "--batch off" if batch == "off" else "no batched form"
+        print(f"clbench: {strategy} ({why}): its runs go {n} at a time, one worker process and thread each "
+              "(--jobs 1 for one at a time)", file=sys.stderr)
+    return n

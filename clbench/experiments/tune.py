@@ -93,7 +93,7 @@ def study_name(suite: Suite, strategy: str, fixed: dict[str, Any], space: dict[s
 
 
 def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str | None = None,
-         executor: str = "processes", jobs: int = 1, address: str | None = None, device: str | None = None,
+         executor: str = "processes", jobs: int | str = 1, address: str | None = None, device: str | None = None,
          max_new_trials: int | None = None, progress: bool = True, heartbeat_interval: int = trials.HEARTBEAT_S,
          grace_period: int = trials.GRACE_S, batch: str | int = "auto") -> dict[str, Any]:
     """Search ``strategy``'s space with the suite's budget; returns and writes ``<store>/tuning/<study>.json``.
@@ -105,7 +105,8 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     code is not counted: the search stops with a ClbenchError and retries that setting on the next call.
     ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials per job at a time and trains their runs together, ``N``
     asks N at a time, ``"off"`` asks ``jobs`` and runs each alone. A trial's value means the same either way;
-    which points TPE proposes depends on how many trials it asks before it hears back.
+    which points TPE proposes depends on how many trials it asks before it hears back. ``jobs="auto"``: see
+    clbench.experiments.batching.resolve_jobs.
     """
     from tqdm.auto import tqdm
 
@@ -114,10 +115,11 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     from clbench.core.metrics import direction
     from clbench.core.registry import check_arguments, lookup
     from clbench.experiments import sweep
-    from clbench.experiments.batching import parse_batch
+    from clbench.experiments.batching import parse_batch, resolve_jobs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     batch = parse_batch(batch)
+    jobs = resolve_jobs(jobs, strategy, batch, executor, device or suite.spec.get("device", "cpu"), say=progress)
     at_once = jobs if batch == "off" else TRIALS_AT_ONCE * jobs if batch == "auto" else batch
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
