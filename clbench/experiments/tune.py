@@ -103,13 +103,16 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     processes, here or on other machines, may tune the same strategy on one ``storage`` at once: together they
     run the budget once (see clbench.experiments.trials). A trial that fails because of the environment or the
     code is not counted: the search stops with a ClbenchError and retries that setting on the next call.
-    ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials per job at a time and trains their runs together, ``N``
+    ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials per job at a time and trains their runs together (a
+    strategy without a batched form: TRIALS_AT_ONCE at a time, run by its jobs, so that TPE hears back as
+    often as for a batched one), ``N``
     asks N at a time, ``"off"`` asks ``jobs`` and runs each alone. A trial's value means the same either way;
     which points TPE proposes depends on how many trials it asks before it hears back. ``jobs="auto"``: see
     clbench.experiments.batching.resolve_jobs.
     """
     from tqdm.auto import tqdm
 
+    from clbench.batched.adapter import _ADAPTERS
     from clbench.core.engine import resolve_device
     from clbench.core.io import check_writable_folder
     from clbench.core.metrics import direction
@@ -120,7 +123,11 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     batch = parse_batch(batch)
     jobs = resolve_jobs(jobs, strategy, batch, executor, device or suite.spec.get("device", "cpu"), say=progress)
-    at_once = jobs if batch == "off" else TRIALS_AT_ONCE * jobs if batch == "auto" else batch
+    if batch == "auto":  # a strategy without a batched form is asked the same 8 at a time (its jobs run them)
+        batched = lookup("strategy", strategy) in _ADAPTERS
+        at_once = TRIALS_AT_ONCE * jobs if batched else max(TRIALS_AT_ONCE, jobs)
+    else:
+        at_once = jobs if batch == "off" else batch
     if jobs < 1:
         raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
     if max_new_trials is not None and max_new_trials < 1:
