@@ -18,17 +18,22 @@ from clbench.experiments.cells import cell_record, cell_stream, cell_stream_key,
 TRAINING_KEYS = ("epochs", "batch_size", "optimizer")  # lockstep: equal in a batch (the learning rate may differ)
 
 
-def parse_batch(value: str | int) -> str | int:
-    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
-    if value in ("auto", "off"):
+def _word_or_count(value: str | int, words: tuple[str, ...], error: str) -> str | int:
+    """``value`` if it is one of ``words``, else a positive integer, else ClbenchError(``error``)."""
+    if value in words:
         return value
     try:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise ClbenchError(f"--batch takes auto, off or a positive integer (members per batch), got {value!r}")
+        raise ClbenchError(f"{error}, got {value!r}")
     return n
+
+
+def parse_batch(value: str | int) -> str | int:
+    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
+    return _word_or_count(value, ("auto", "off"), "--batch takes auto, off or a positive integer (members per batch)")
 
 
 def _group_key(cell: dict[str, Any]) -> str:
@@ -169,13 +174,7 @@ def resolve_jobs(jobs: int | str, strategy: str, batch: str | int = "auto", exec
     from clbench.core.registry import lookup
 
     if jobs != "auto":
-        try:
-            n = int(jobs)
-        except (TypeError, ValueError):
-            n = 0
-        if n < 1:
-            raise ClbenchError(f"--jobs takes auto or a whole number of worker processes (at least 1), got {jobs!r}")
-        return n
+        return _word_or_count(jobs, (), "--jobs takes auto or a whole number of worker processes (at least 1)")
     cls = lookup("strategy", strategy)
     if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls) or \
             (batch != "off" and cls in _ADAPTERS):
