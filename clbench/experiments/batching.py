@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from clbench.batched import Member, batchable, run_batched
+from clbench.batched import Member, batchable, has_batched_form, run_batched
 from clbench.batched.group import DEFAULT_MEMORY_MB
 from clbench.core.errors import ClbenchError, env_number
 from clbench.core.threads import default_threads
@@ -170,14 +170,13 @@ def resolve_jobs(jobs: int | str, strategy: str, batch: str | int = "auto", exec
     small models gain more from a process per core than from more threads (docs/performance.md); else 1,
     since one batched model already uses every thread. A number is taken as it is. ``say``: one stderr line
     when auto chose several processes."""
-    from clbench.batched.adapter import _ADAPTERS
     from clbench.core.registry import lookup
 
     if jobs != "auto":
         return _word_or_count(jobs, (), "--jobs takes auto or a whole number of worker processes (at least 1)")
     cls = lookup("strategy", strategy)
     if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls) or \
-            (batch != "off" and cls in _ADAPTERS):
+            (batch != "off" and has_batched_form(cls)):
         return 1
     n = default_threads(1)
     if say and n > 1:
