@@ -306,7 +306,7 @@ def _bad_inputs(tmp_path: Path) -> tuple[str, list[tuple[list[str], str]]]:
         (s + ["--storage", "postgresql://user:s3cret@localhost:1/db"], "cannot open the Optuna storage"),
         (s + ["--storage", "redis://localhost:1"], "cannot open the Optuna storage|not a database URL"),
         (s + ["--device", "nonsense"], "unknown device"),
-        (s + ["--jobs", "0"], "--jobs must be at least 1"),
+        (s + ["--jobs", "0"], "--jobs takes auto or a whole number"),
         (s + ["--store", str(tmp_path / "afile")], "is a file"),
         (s + ["--address", "localhost:1"], "--address applies to --executor ray"),
         (["--suite", suite, "--strategy", "no-such-strategy"], "unknown strategy"),

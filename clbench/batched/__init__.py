@@ -24,6 +24,7 @@ from clbench.batched.adapter import (
            adapter_for,
            batchable,
            batched_form,
+           has_batched_form,
            member_numbers,
 )
 from clbench.batched.buffer import ReservoirAdapter, StackedReservoir

@@ -109,6 +109,11 @@ def adapter_for(strategy: Strategy) -> type[Adapter] | None:
     return _ADAPTERS.get(type(strategy))
 
 
+def has_batched_form(cls: type) -> bool:
+    """Whether the strategy class ``cls`` registered a batched form (its runs may still refuse: see batchable)."""
+    return cls in _ADAPTERS
+
+
 def batchable(stream: Stream, strategy: Strategy) -> str | None:
     """None if this stream and strategy can run batched, else why not."""
     adapter = adapter_for(strategy)

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from clbench.batched import Member, batchable, run_batched
+from clbench.batched import Member, batchable, has_batched_form, run_batched
 from clbench.batched.group import DEFAULT_MEMORY_MB
 from clbench.core.errors import ClbenchError, env_number
 from clbench.core.threads import default_threads
@@ -18,17 +18,22 @@ from clbench.experiments.cells import cell_record, cell_stream, cell_stream_key,
 TRAINING_KEYS = ("epochs", "batch_size", "optimizer")  # lockstep: equal in a batch (the learning rate may differ)
 
 
-def parse_batch(value: str | int) -> str | int:
-    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
-    if value in ("auto", "off"):
+def _word_or_count(value: str | int, words: tuple[str, ...], error: str) -> str | int:
+    """``value`` if it is one of ``words``, else a positive integer, else ClbenchError(``error``)."""
+    if value in words:
         return value
     try:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
     if n < 1:
-        raise ClbenchError(f"--batch takes auto, off or a positive integer (members per batch), got {value!r}")
+        raise ClbenchError(f"{error}, got {value!r}")
     return n
+
+
+def parse_batch(value: str | int) -> str | int:
+    """``auto``, ``off`` or a positive integer (the most members one batch holds)."""
+    return _word_or_count(value, ("auto", "off"), "--batch takes auto, off or a positive integer (members per batch)")
 
 
 def _group_key(cell: dict[str, Any]) -> str:
@@ -165,20 +170,13 @@ def resolve_jobs(jobs: int | str, strategy: str, batch: str | int = "auto", exec
     small models gain more from a process per core than from more threads (docs/performance.md); else 1,
     since one batched model already uses every thread. A number is taken as it is. ``say``: one stderr line
     when auto chose several processes."""
-    from clbench.batched.adapter import _ADAPTERS
     from clbench.core.registry import lookup
 
     if jobs != "auto":
-        try:
-            n = int(jobs)
-        except (TypeError, ValueError):
-            n = 0
-        if n < 1:
-            raise ClbenchError(f"--jobs takes auto or a whole number of worker processes (at least 1), got {jobs!r}")
-        return n
+        return _word_or_count(jobs, (), "--jobs takes auto or a whole number of worker processes (at least 1)")
     cls = lookup("strategy", strategy)
     if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls) or \
-            (batch != "off" and cls in _ADAPTERS):
+            (batch != "off" and has_batched_form(cls)):
         return 1
     n = default_threads(1)
     if say and n > 1:

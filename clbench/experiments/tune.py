@@ -112,7 +112,7 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     """
     from tqdm.auto import tqdm
 
-    from clbench.batched.adapter import _ADAPTERS
+    from clbench.batched import has_batched_form
     from clbench.core.engine import resolve_device
     from clbench.core.io import check_writable_folder
     from clbench.core.metrics import direction
@@ -124,12 +124,10 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     batch = parse_batch(batch)
     jobs = resolve_jobs(jobs, strategy, batch, executor, device or suite.spec.get("device", "cpu"), say=progress)
     if batch == "auto":  # a strategy without a batched form is asked the same 8 at a time (its jobs run them)
-        batched = lookup("strategy", strategy) in _ADAPTERS
+        batched = has_batched_form(lookup("strategy", strategy))
         at_once = TRIALS_AT_ONCE * jobs if batched else max(TRIALS_AT_ONCE, jobs)
     else:
         at_once = jobs if batch == "off" else batch
-    if jobs < 1:
-        raise ClbenchError(f"--jobs must be at least 1, got {jobs}")
     if max_new_trials is not None and max_new_trials < 1:
         raise ClbenchError(f"--max-new-trials must be at least 1, got {max_new_trials}")
     proto = protocol(suite.spec)
