@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import warnings
 from pathlib import Path
@@ -188,9 +189,9 @@ def avalanche_acc(stream: Stream, exported, name: str, args: dict, seed: int, lr
 
 
 def clbench_acc(stream: Stream, name: str, args: dict, seed: int, lr: float, batch_size: int,
-                epochs: int = 1) -> float:
-    strategy = make_strategy(name, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="sgd", **args)
-    result = run(stream, strategy, device="cpu", seed=seed, progress=False, model_args=MLP)
+                epochs: int = 1, optimizer: str = "sgd", model_args: dict | None = None) -> float:
+    strategy = make_strategy(name, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, **args)
+    result = run(stream, strategy, device="cpu", seed=seed, progress=False, model_args=model_args or MLP)
     return float(np.mean(result.R[-1][:len(stream.tasks)]))
 
 
@@ -333,7 +334,9 @@ def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[
 
 def part_suite(args) -> None:
     """Both sides at a suite's protocol (its model, optimiser, lr, batch and epochs, all training images) and at
-    the settings its committed tuning chose, on the suite's first ``--perm-tasks`` tasks."""
+    the settings its committed tuning chose (a tuned learning rate included), on the suite's first
+    ``--suite-tasks`` tasks."""
+    import dataclasses
     import json
 
     from clbench.experiments import suite as suites
@@ -341,35 +344,51 @@ def part_suite(args) -> None:
     suite = suites.load(args.suite)
     training = dict(suite.spec.get("training", {}))
     lr, batch, epochs = float(training["lr"]), int(training["batch_size"]), int(training.get("epochs", 1))
+    optimizer = training.get("optimizer", "sgd")
     config = suite.streams()[0]
+    model_args = {**config.get("model_args", {})} or dict(MLP)
+    widths = list(model_args.get("widths", MLP["widths"]))
+    if len(widths) != 2 or widths[0] != widths[1]:
+        raise SystemExit(f"Mammoth's mnistmlp has two hidden layers of one width; the suite's MLP has {widths}")
     dataset = "perm-mnist" if config["stream"] == "permuted-fashion-mnist" else "seq-mnist"
+    if dataset == "seq-mnist" and config["stream_args"].get("scenario", "class") != "class":
+        raise SystemExit("Mammoth's seq-mnist is class-incremental (with Task-IL accuracy beside it); "
+                         f"the suite's scenario is {config['stream_args']['scenario']}")
     mammoth = Path(args.mammoth) if args.mammoth else None
     if mammoth:
         write_mammoth_data(mammoth, None, None)  # every image
     stream_args = {**config["stream_args"], "seed": 0}
     if dataset == "perm-mnist":
-        stream_args["tasks"] = args.perm_tasks
+        stream_args["tasks"] = args.suite_tasks
     stream = make_stream(config["stream"], **stream_args)
+    stream = dataclasses.replace(stream, tasks=stream.tasks[:args.suite_tasks])
     chosen = {}
     for path in sorted((suite.results_dir / "tuning").glob("*.json")):
         t = json.loads(path.read_text())
         chosen[t["strategy"]] = {**t["fixed_args"], **t["chosen"]}
     print(f"{suite.name} v{suite.version}: {dataset}, {len(stream.tasks)} tasks, all training images, "
-          f"MLP 784-100-100-10, {training.get('optimizer', 'sgd')} lr {lr}, batch {batch}, {epochs} epoch(s), "
-          f"settings from {suite.results_dir.name}/tuning\n")
+          f"MLP 784-{widths[0]}-{widths[1]}-{stream.num_outputs}, {optimizer}, batch {batch}, {epochs} epoch(s) a "
+          f"task, settings from {suite.results_dir.name}/tuning, torch threads {torch.get_num_threads()}\n")
     print(f"| clbench / Mammoth | settings | clbench ACC ({args.mammoth_seeds} seeds) | Mammoth ACC | Welch |\n"
-          "| --- | --- | --- | --- | --- |")
+          "| --- | --- | --- | --- | --- |", flush=True)
     for name in args.suite_strategies.split(","):
         mapped = mammoth_args(name, chosen.get(name, {}), batch) if name in chosen else None
         if mapped is None:
             print(f"| {name} | - | no committed tuning or no Mammoth counterpart | | |", flush=True)
             continue
         model, extra, ours = mapped
-        a = [clbench_acc(stream, name, ours, s, lr, batch, epochs) for s in range(args.mammoth_seeds)]
-        b = [mammoth_acc(mammoth, args.mammoth_python, dataset, model, extra, s,
-                         args.perm_tasks if dataset == "perm-mnist" else None, lr, batch, epochs)
-             for s in range(args.mammoth_seeds)] if mammoth else []
-        shown = ", ".join(f"{k}={v}" for k, v in sorted(ours.items()))
+        ours = dict(ours)
+        lr_s = float(ours.pop("lr", lr))
+        extra = [*extra, "--optimizer", optimizer, "--mlp_hidden_size", str(widths[0])]
+        a = [clbench_acc(stream, name, ours, s, lr_s, batch, epochs, optimizer, model_args)
+             for s in range(args.mammoth_seeds)]
+        b = []
+        if mammoth:  # Mammoth's seeds side by side, one process and thread each
+            with ThreadPoolExecutor(args.mammoth_jobs) as pool:
+                b = list(pool.map(lambda s: mammoth_acc(mammoth, args.mammoth_python, dataset, model, extra, s,
+                                                        args.suite_tasks, lr_s, batch, epochs),
+                                  range(args.mammoth_seeds)))
+        shown = ", ".join(f"{k}={v}" for k, v in sorted({**ours, "lr": lr_s}.items()))
         print(f"| {name} / {model} | {shown} | {fmt(a)} | {fmt(b) if b else 'not run'} | "
               f"{verdict(a, b) if b else ''} |", flush=True)
 
@@ -394,6 +413,9 @@ def main() -> None:
     parser.add_argument("--suite", help="part 'suite': a suite whose protocol and committed tuned settings both "
                                         "sides run (e.g. permuted-fashion-mnist)")
     parser.add_argument("--suite-strategies", default="finetune,ewc-diag,si,replay,a-gem,der++,er-ace")
+    parser.add_argument("--mammoth-jobs", type=int, default=1, help="part 'suite': Mammoth runs at once")
+    parser.add_argument("--suite-tasks", type=int, default=2,
+                        help="part 'suite': the suite's first N tasks on both sides (Mammoth's --stop_after)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     parts = args.parts.split(",")
