@@ -318,7 +318,8 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 # results/<suite>-v<v>/ and <suite>-v<v>.csv; an older version's stay readable beside the current one's.
 SUITE_BOARDS = [("permuted-fashion-mnist", 1), ("split-fashion-mnist-class", 1), ("split-fashion-mnist-task", 1),
                 ("similarity-permuted-fashion-mnist", 1), ("permuted-fashion-mnist", 2),
-                ("similarity-permuted-fashion-mnist", 2), ("split-fashion-mnist-class", 2)]
+                ("similarity-permuted-fashion-mnist", 2), ("split-fashion-mnist-class", 2),
+                ("split-fashion-mnist-task", 2)]
 
 
 @pytest.mark.parametrize("name, version", SUITE_BOARDS)
