@@ -71,9 +71,9 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
