@@ -319,7 +319,7 @@ def test_first_tasks_protocol_tunes_on_the_first_tasks_and_reports_the_rest(tmp_
 SUITE_BOARDS = [("permuted-fashion-mnist", 1), ("split-fashion-mnist-class", 1), ("split-fashion-mnist-task", 1),
                 ("similarity-permuted-fashion-mnist", 1), ("permuted-fashion-mnist", 2),
                 ("similarity-permuted-fashion-mnist", 2), ("split-fashion-mnist-class", 2),
-                ("split-fashion-mnist-task", 2)]
+                ("split-fashion-mnist-task", 2), ("split-fashion-mnist-domain", 2)]
 
 
 @pytest.mark.parametrize("name, version", SUITE_BOARDS)
