@@ -110,7 +110,8 @@ def test_similarity_v2_learns_each_task_and_follows_hiratani():
     """Every config learns task 1 before it is overwritten; finetune's retention is lowest at high input and low
     readout similarity (rho_a = 1, rho_b = 0: the same inputs, other targets), in both readouts; and full-Fisher
     EWC improves retention over the grid more than diagonal EWC, which improves it more than L2 (Hiratani 2024:
-    full-Fisher regularisation improves retention; diagonal and Euclidean ones are much less robust)."""
+    full-Fisher regularisation improves retention; diagonal and Euclidean ones are much less robust); activity
+    gating's gain over finetune is largest at that corner, in both readouts."""
     suite = suites.load("similarity-permuted-fashion-mnist")
     for record in Store(suite.results_dir, create=False).records():
         if record["cell"]["strategy"] == "finetune":
@@ -126,6 +127,9 @@ def test_similarity_v2_learns_each_task_and_follows_hiratani():
         assert len(finetune) == 9 and finetune.idxmin() == (1.0, 0.0), readout
         gain = {s: (r - finetune).mean() for s, r in retention.items()}
         assert gain["ewc-full"] > gain["ewc-diag"] > gain["l2"] and gain["ewc-full"] > 0.1, (readout, gain)
+        # activity gating gives each task its own units: it gains most where the two tasks share their inputs
+        gating = retention["activity-gating"] - finetune
+        assert gating.idxmax() == (1.0, 0.0) and gating[(1.0, 0.0)] > 0.3, (readout, gating)
 
 
 if __name__ == "__main__":  # pragma: no cover
