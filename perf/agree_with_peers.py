@@ -266,7 +266,8 @@ def mammoth_acc(mammoth: Path, python: str, dataset: str, model: str, extra: lis
     if tasks:
         cmd += ["--stop_after", str(tasks)]
     out = subprocess.run(cmd, cwd=mammoth, capture_output=True, text=True, env={"OMP_NUM_THREADS": str(threads),
-                                                                                "PATH": "/usr/bin:/bin"})
+                                                                                "PATH": "/usr/bin:/bin",
+                                                                                "HF_HUB_OFFLINE": "1"})
     lines = [l for l in (out.stdout + out.stderr).splitlines() if "Raw accuracy values" in l]
     if not lines:
         raise RuntimeError(f"Mammoth printed no accuracy for {' '.join(cmd)}:\n{out.stderr[-2000:]}")
@@ -347,6 +348,8 @@ def part_suite(args) -> None:
     optimizer = training.get("optimizer", "sgd")
     config = suite.streams()[0]
     model_args = {**config.get("model_args", {})} or dict(MLP)
+    if args.suite_init:  # e.g. "xavier": Mammoth's MLP initialization on clbench's side too
+        model_args["init"] = args.suite_init
     widths = list(model_args.get("widths", MLP["widths"]))
     if len(widths) != 2 or widths[0] != widths[1]:
         raise SystemExit(f"Mammoth's mnistmlp has two hidden layers of one width; the suite's MLP has {widths}")
@@ -368,7 +371,8 @@ def part_suite(args) -> None:
         chosen[t["strategy"]] = {**t["fixed_args"], **t["chosen"]}
     print(f"{suite.name} v{suite.version}: {dataset}, {len(stream.tasks)} tasks, all training images, "
           f"MLP 784-{widths[0]}-{widths[1]}-{stream.num_outputs}, {optimizer}, batch {batch}, {epochs} epoch(s) a "
-          f"task, settings from {suite.results_dir.name}/tuning, torch threads {torch.get_num_threads()}\n")
+          f"task, settings from {suite.results_dir.name}/tuning, clbench init {model_args.get('init', 'default')}, "
+          f"torch threads {torch.get_num_threads()}\n")
     print(f"| clbench / Mammoth | settings | clbench ACC ({args.mammoth_seeds} seeds) | Mammoth ACC | Welch |\n"
           "| --- | --- | --- | --- | --- |", flush=True)
     for name in args.suite_strategies.split(","):
@@ -413,6 +417,8 @@ def main() -> None:
     parser.add_argument("--suite", help="part 'suite': a suite whose protocol and committed tuned settings both "
                                         "sides run (e.g. permuted-fashion-mnist)")
     parser.add_argument("--suite-strategies", default="finetune,ewc-diag,si,replay,a-gem,der++,er-ace")
+    parser.add_argument("--suite-init", help="part 'suite': clbench's MLP init (default: the suite's; 'xavier' is "
+                                             "Mammoth's Glorot-uniform weights and zero biases)")
     parser.add_argument("--mammoth-jobs", type=int, default=1, help="part 'suite': Mammoth runs at once")
     parser.add_argument("--suite-tasks", type=int, default=2,
                         help="part 'suite': the suite's first N tasks on both sides (Mammoth's --stop_after)")

@@ -1,4 +1,6 @@
 """Hiratani (NeurIPS 2024): the authors' settings reachable in clbench, and the reproduction."""
+import math
+
 import numpy as np
 import pytest
 
@@ -124,6 +126,14 @@ def test_small_mlp_init_and_unshuffled_training():
     assert float(w.detach().std()) == pytest.approx(1 / 784, rel=0.02) and float(model[3].weight.detach().std()) == pytest.approx(1 / 1500, rel=0.05)
     with pytest.raises(ClbenchError, match="init must be"):
         build_model("mlp", (4,), 2, init="big")
+    glorot = build_model("mlp", (1, 28, 28), 10, widths=(400, 400), init="xavier")
+    for layer in (glorot[1], glorot[3], glorot[5]):  # uniform on +-sqrt(6 / (fan_in + fan_out)), zero bias
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = layer.weight.detach()
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.95 * bound
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert not layer.bias.detach().any()
     R = {}
     for shuffle in (True, False):
         for seed in (0, 1):

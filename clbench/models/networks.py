@@ -36,10 +36,11 @@ def mlp(
     """Fully connected network: Flatten, [Linear, activation] per hidden width, Linear output.
 
     ``init="small"``: weights and biases N(0, 1/fan_in^2), as Hiratani's pm/pm_model.py ("small
-    initialization"); ``"default"`` keeps torch's.
+    initialization"); ``"xavier"``: Glorot & Bengio 2010's uniform weights and zero biases (the
+    initialization of Mammoth's MLP, ``backbone/__init__.py``); ``"default"`` keeps torch's.
     """
-    if init not in ("default", "small"):
-        raise ClbenchError(f"init must be 'default' or 'small', got {init!r}")
+    if init not in ("default", "small", "xavier"):
+        raise ClbenchError(f"init must be 'default', 'small' or 'xavier', got {init!r}")
     if activation not in ACTIVATIONS:
         raise ClbenchError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     widths = [widths] if isinstance(widths, int) and not isinstance(widths, bool) else widths
@@ -60,6 +61,12 @@ def mlp(
                 if isinstance(layer, nn.Linear):
                     for p in layer.parameters():
                         p.normal_(0.0, 1.0 / layer.in_features)
+    if init == "xavier":
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 
