@@ -274,3 +274,28 @@ def test_members_at_different_learning_rates_share_one_batch(optimizer):
     batched, _ = check("ewc-diag", [{"strength": s, "lr": lr, "optimizer": optimizer}
                                     for s, lr in zip((0.1, 1.0, 10.0), lrs * 3)], epochs=4)
     assert {r.config["lr"] for r in batched} == set(lrs)
+
+
+@pytest.mark.parametrize("name,args", [("finetune", {}), ("ewc-diag", {"strength": 3.0}), ("replay", {"buffer_size": 40}),
+                                       ("lwf", {"alpha": 1.0})])
+def test_final_only_skips_the_middle_rows_and_changes_nothing_else(tmp_path, name, args):
+    """``final_only`` (what a tuning trial scored by final ACC runs) evaluates rows 0 and T only, in both loops;
+    training, and so the last row and ACC, are those of the full run (evaluation draws no random numbers)."""
+    from fake_data import write_idx_dataset
+
+    root = str(write_idx_dataset(tmp_path / "m", train=300, test=100))
+    stream = make_stream("permuted-mnist", tasks=3, root=root)
+    kw = {"model_args": {"widths": (16,)}, "device": "cpu"}
+    full = run(stream, make_strategy(name, epochs=2, lr=0.05, **args), seed=1, progress=False, **kw)
+    ends = run(stream, make_strategy(name, epochs=2, lr=0.05, **args), seed=1, progress=False, final_only=True, **kw)
+    R, E = np.array(full.R), np.array(ends.R)
+    assert np.isnan(E[1:-1]).all() and not np.isnan(E[[0, -1]]).any()
+    np.testing.assert_array_equal(E[[0, -1]], R[[0, -1]])
+    assert ends.metrics["acc"] == full.metrics["acc"] and np.isnan(ends.metrics["bwt"])
+    assert ends.loss_curves == full.loss_curves
+    batched = run_batched([Member(stream, make_strategy(name, epochs=2, lr=lr, **args), seed=1) for lr in (0.05, 0.1)],
+                          final_only=True, **kw)
+    B = np.array(batched[0].R)
+    assert np.isnan(B[1:-1]).all()
+    np.testing.assert_allclose(B[[0, -1]], R[[0, -1]], atol=0.02)  # 100 test images: one flip is 0.01
+    assert batched[0].metrics["acc"] == pytest.approx(full.metrics["acc"], abs=0.02)

@@ -372,6 +372,24 @@ def test_tuning_runs_on_the_stream_subset_the_suite_names(tmp_path, monkeypatch)
     assert suite.protocol_hash != suites.load(write_suite(tmp_path, "whole", **{STREAM_ARGS: grid})).protocol_hash
 
 
+def test_a_trial_evaluates_only_what_its_metric_reads(tmp_path, monkeypatch):
+    """Scored by final ACC, a trial's runs skip R's middle rows and the suite's continual evaluation; its value
+    is still the ACC of the full run (all rows, continual evaluation on) of the same cell."""
+    path = write_suite(tmp_path, **{"tasks = 2,": "tasks = 3,", "[[stream]]": "[continual]\neval_every = 2\n\n[[stream]]"})
+    suite = suites.load(path)
+    from clbench.experiments import sweep
+    seen = []
+    real = sweep._serial
+    monkeypatch.setattr(sweep, "_serial", lambda todo, *a: seen.extend(todo) or real(todo, *a))
+    summary = tune.tune(suite, "l2", tmp_path / "store", progress=False, batch="off")
+    assert seen and all(c["final_only"] and "continual" not in c for c in seen)
+    cell = seen[0]
+    full = {k: v for k, v in cell.items() if k != "final_only"} | {"continual": {"eval_every": 2}}
+    record = next(iter(real([full], "cpu", None, None)))[1]
+    assert record["curves"] and not any(v is None for v in record["R"][1])  # the middle rows and curves ran
+    assert summary["trials"][0]["value"] == record["metrics"]["acc"]
+
+
 @pytest.mark.parametrize("subset, message", [
     ("streams = { rho = [0.0] }", "unknown key 'rho'; did you mean"),
     ("streams = { rho_a = [0.3] }", "matches none of the suite's stream configs"),

@@ -218,14 +218,16 @@ def _signature(member: Member, model: nn.Module) -> str:
 
 def run_batched(members: list[Member], *, model_name: str | None = None, model_args: dict[str, Any] | None = None,
                 device: str | torch.device = "auto", memory_mb: float | None = None, max_members: int | None = None,
-                eval_every: int | None = None, eval_samples: int = continual.EVAL_SAMPLES) -> list[Result | ClbenchError]:
+                eval_every: int | None = None, eval_samples: int = continual.EVAL_SAMPLES,
+                final_only: bool = False) -> list[Result | ClbenchError]:
     """Train every member, batching compatible ones; returns per member its Result (or the error its run raised).
 
     Members are grouped by what must match (stream shapes, strategy class and its non-numeric settings,
     training settings, model); each group runs in batches that fit ``memory_mb`` (default
     $CLBENCH_BATCH_MEMORY_MB, else 2048) and hold at most ``max_members``. A member that cannot be
     batched (see :func:`batchable`) raises; use ``clbench.run`` for it. ``eval_every``/``eval_samples``: continual
-    evaluation of every member, as ``clbench.run`` takes them (clbench.batched.continual).
+    evaluation of every member, as ``clbench.run`` takes them (clbench.batched.continual); ``final_only``
+    as ``clbench.run`` takes it (rows 0 and T of R only).
     """
     eval_every, eval_samples = continual.check_options(eval_every, eval_samples)
     dev = resolve_device(device)
@@ -247,7 +249,7 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     for indices in groups.values():
         for chunk in _chunks(indices, members, models, budget, max_members, eval_samples if eval_every else 0):
             for k, r in zip(chunk, _run_group([members[k] for k in chunk], [models[k] for k in chunk], dev,
-                                              eval_every, eval_samples)):
+                                              eval_every, eval_samples, final_only)):
                 results[k] = r
     return results
 
@@ -290,7 +292,7 @@ def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], 
 
 
 def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device, eval_every: int | None = None,
-               eval_samples: int = continual.EVAL_SAMPLES) -> list[Result | ClbenchError]:
+               eval_samples: int = continual.EVAL_SAMPLES, final_only: bool = False) -> list[Result | ClbenchError]:
     g = Group(members, models, dev)
     members, models, group_order = g.members, g.models, g.order  # in the group's order from here on
     g.adapter = adapter = adapter_for(members[0].strategy)(g)
@@ -402,6 +404,8 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
         adapter.refresh()
         if recorder:
             recorder.record(global_step, i)
+        if final_only and i < T - 1:
+            continue
         raw[:, i + 1] = g.evaluate()
         check_row(i + 1)
     if hasattr(adapter, "finish"):

@@ -275,6 +275,7 @@ def run(
     on_row: Any = None,
     eval_every: int | None = None,
     eval_samples: int = continual.EVAL_SAMPLES,
+    final_only: bool = False,
 ) -> Result:
     """Train ``strategy`` on ``stream`` and evaluate every task before and after each task.
 
@@ -287,6 +288,9 @@ def run(
     ``eval_every=K`` also scores the seen tasks and the next one every K training steps on ``eval_samples``
     test samples a task (continual evaluation, see clbench.core.continual): ``Result.curves`` and the
     metrics min_acc, wc_acc, wf10, wp10, stability_gap. It does not change training.
+    ``final_only=True`` evaluates before training and after the last task only (rows 0 and T of R; the rows
+    between stay NaN, and so do the metrics that read them, such as BWT and forgetting): all that final ACC
+    needs, and what a tuning trial scored by it runs. It does not change training either.
     """
     from clbench.core.progress import bar as progress_bar
 
@@ -317,7 +321,8 @@ def run(
                            complete, continual_curves=recorder.to_dict() if recorder else None)
 
     # work measured in task evaluations: a training epoch counts as T of them, as does a row of R (one per task)
-    bar = progress_bar((T * settings["epochs"] + T + 1) * T, f"{strategy.name} on {stream.name}", enabled=progress,
+    rows = 2 if final_only else T + 1
+    bar = progress_bar((T * settings["epochs"] + rows) * T, f"{strategy.name} on {stream.name}", enabled=progress,
                        fraction=True)
     bar.set_postfix_str("evaluating before training", refresh=False)
     tick = lambda: bar.update(1)  # noqa: E731
@@ -384,6 +389,8 @@ def run(
         strategy.after_task(task)
         if recorder:
             recorder.record(global_step, i)
+        if final_only and i < T - 1:
+            continue
         bar.set_postfix_str(f"evaluating after task {i + 1}/{T}", refresh=False)
         add_row(i + 1)
     bar.close()

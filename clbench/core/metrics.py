@@ -20,6 +20,8 @@ from clbench.core.errors import ClbenchError
 METRICS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "transfer", "retention", "min_acc", "wc_acc")
 #: Metrics where a smaller value is better (forgetting is a loss of accuracy); every other metric is a score.
 LOWER_IS_BETTER = frozenset({"forgetting", "forgetting_last"})
+FINAL_ROW = frozenset({"acc"})  # read only R's last row (and row 0, which regression scores divide by): a run
+                                # scored by one of them may skip the rows between (clbench.run final_only=True)
 
 
 def direction(metric: str) -> str:

@@ -101,15 +101,17 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
             members.append((cell, Member(streams[key], strategy, cell["seed"], {"cell": cell})))
         else:
             single.append(cell)
-    by_model: dict[str, list] = {}  # cells of one model and one continual evaluation
+    by_model: dict[str, list] = {}  # cells of one model and one evaluation schedule
     for cell, member in members:
-        key = json.dumps([cell["model"], cell["model_args"], cell.get("continual")], default=str)
+        key = json.dumps([cell["model"], cell["model_args"], cell.get("continual"), cell.get("final_only", False)],
+                         default=str)
         by_model.setdefault(key, []).append((cell, member))
     for group in by_model.values():
         cell0 = group[0][0]
         try:
             results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
-                                  device=device, memory_mb=memory_mb, **cell0.get("continual", {}))
+                                  device=device, memory_mb=memory_mb, final_only=cell0.get("final_only", False),
+                                  **cell0.get("continual", {}))
         except (Exception, SystemExit):  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
             single += [c for c, _ in group]
             continue

@@ -106,7 +106,7 @@ def run_cell(cell: dict[str, Any], device: str, threads: int | None = None, comm
             strategy = clbench.make_strategy(cell["strategy"], **cell["strategy_args"])
             result = clbench.run(stream, strategy, model_name=cell["model"], model_args=cell["model_args"],
                                  device=device, seed=cell["seed"], progress=False, config={"cell": cell},
-                                 **cell.get("continual", {}))
+                                 final_only=cell.get("final_only", False), **cell.get("continual", {}))
     except SystemExit as e:  # a plugin's sys.exit() fails its cell; it does not end the sweep
         raise RuntimeError(f"the run called sys.exit({e.code!r}) (a plugin's strategy, stream or model); a "
                            "strategy should raise an exception instead") from None

@@ -212,9 +212,13 @@ def _run_batch(study: Any, asked: list, suite: Suite, strategy: str, fixed: dict
     """Run and tell the trials ``asked``; returns the errors of those that failed for other reasons than
     their setting (told FAIL and queued again). An interruption tells the unfinished ones the same way."""
     from clbench.core.engine import TrainingDiverged
+    from clbench.core.metrics import FINAL_ROW
     from clbench.experiments import sweep
     from clbench.experiments.batching import sweep_outcomes
 
+    # a trial evaluates what its metric reads: for final ACC, R's last row (and row 0), without the rows
+    # between or the suite's continual evaluation (neither changes training, so the value is the same)
+    final_only = proto["metric"] in FINAL_ROW
     told: set[int] = set()
     try:
         plan: dict[str, list] = {}  # cell id -> the trials it scores (two trials may share a setting)
@@ -223,6 +227,9 @@ def _run_batch(study: Any, asked: list, suite: Suite, strategy: str, fixed: dict
             params = _suggest(trial, space)
             for cell in cells(suite, strategy, {**fixed, **params}, proto["tuning"]["seeds"], split,
                               streams=suite.tuning_streams()):
+                if final_only:
+                    cell.pop("continual", None)
+                    cell["final_only"] = True
                 plan.setdefault(sweep.cell_id(cell), []).append(trial)
                 cells_by_id[sweep.cell_id(cell)] = cell
         todo = list(cells_by_id.values())
