@@ -1,7 +1,7 @@
 """Do clbench's newer baselines give their peers' numbers? MAS, A-GEM, DER/DER++, ER-ACE, GDumb, iCaRL, BiC
 beside Avalanche 0.6, and finetune, replay, A-GEM, DER++, iCaRL, LwF, SI, online EWC beside Mammoth.
 
-Three parts (``--parts``), each printing a Markdown table:
+Four parts (``--parts``), each printing a Markdown table:
 
 ``mas``: exact agreement. The machinery of ``agree_with_avalanche.py`` (same stream, initial weights and batch
 order, one epoch, plain SGD) on class-incremental split Fashion-MNIST. Settings mapping, clbench -> Avalanche
@@ -45,6 +45,13 @@ Fashion-MNIST (5 x 2) and ``perm-mnist`` is permuted Fashion-MNIST (``--stop_aft
 784-100-100-10 (Mammoth's ``mnistmlp``), SGD lr 0.1, batch 32, one epoch, memory 200, replay batch 32, seeds
 0..n-1; the table gives final ACC (Mammoth's Class-IL / Domain-IL accuracy) mean +- std. Without
 ``--mammoth`` only clbench's side runs.
+
+``suite``: both sides under a committed suite's protocol (``--suite``: its model, optimiser, learning rate,
+batch, epochs and every training image) at the settings its committed tuning chose, on its first
+``--suite-tasks`` tasks, ``--mammoth-seeds`` seeds a side: against Mammoth (``--suite-strategies`` with a
+Mammoth counterpart, ``--mammoth-jobs`` of its runs at once), or with ``--suite-avalanche`` against Avalanche
+0.6 (finetune as ``Naive`` and the memory methods, mapped as in ``memory``; a replay batch not given is the
+incoming batch size, A-GEM's 256).
 
     python perf/agree_with_peers.py [--parts mas,memory] [--seeds 5] [--train-samples 2000] [--test-samples 1000]
     python perf/agree_with_peers.py --parts mammoth --mammoth /path/to/mammoth --mammoth-python /path/to/python
@@ -156,30 +163,33 @@ def memory_settings(tasks: int, buffer: int = 200, replay: int = 32, fit_epochs:
     }
 
 
-def model_for(stream: Stream, seed: int) -> torch.nn.Module:
+def model_for(stream: Stream, seed: int, model_args: dict | None = None) -> torch.nn.Module:
     """The stream's MLP with the initial weights clbench.run builds for ``seed``."""
     torch.manual_seed(seed)
     return build_model(stream.defaults.model, stream.input_shape, stream.num_outputs, **{**stream.defaults.model_args,
-                                                                                          **MLP})
+                                                                                          **(model_args or MLP)})
 
 
-def avalanche_acc(stream: Stream, exported, name: str, args: dict, seed: int, lr: float, batch_size: int) -> float:
+def avalanche_acc(stream: Stream, exported, name: str, args: dict, seed: int, lr: float, batch_size: int,
+                  epochs: int = 1, optimizer: str = "sgd", model_args: dict | None = None) -> float:
     """Final ACC of Avalanche's strategy for ``name``: mean accuracy over every task's test set after the last."""
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training import AGEM, DER, ER_ACE, BiC, GDumb, ICaRL
+    from avalanche.training import AGEM, DER, ER_ACE, BiC, GDumb, ICaRL, Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    model = model_for(stream, seed)  # seeds the global generator: Avalanche's draws follow the seed
+    model = model_for(stream, seed, model_args)  # seeds the global generator: Avalanche's draws follow the seed
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
-    common = dict(optimizer=torch.optim.SGD(model.parameters(), lr=lr), train_mb_size=batch_size, train_epochs=1,
-                  eval_mb_size=1024, device="cpu", evaluator=evaluator)
+    opt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer](model.parameters(), lr=lr)
+    common = dict(optimizer=opt, train_mb_size=batch_size, train_epochs=epochs, eval_mb_size=1024, device="cpu",
+                  evaluator=evaluator)
     ce = torch.nn.CrossEntropyLoss()
     if name == "icarl":  # Avalanche's ICaRL reads the class count of each experience from the benchmark
         exported.n_classes_per_exp = [len(task.classes) for task in stream.tasks]
         exported.classes_order = [c for task in stream.tasks for c in task.classes]
         strategy = ICaRL(feature_extractor=model[:-1], classifier=model[-1], **common, **args)
     else:
-        cls = {"a-gem": AGEM, "der": DER, "der++": DER, "er-ace": ER_ACE, "gdumb": GDumb, "bic": BiC}[name]
+        cls = {"finetune": Naive, "a-gem": AGEM, "der": DER, "der++": DER, "er-ace": ER_ACE, "gdumb": GDumb,
+               "bic": BiC}[name]
         strategy = cls(model=model, criterion=ce, **{**common, **args})
     for experience in exported.train_stream:
         strategy.train(experience)
@@ -333,6 +343,22 @@ def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[
     return None
 
 
+def avalanche_args(strategy: str, args: dict[str, Any], tasks: int, batch_size: int) -> dict[str, Any] | None:
+    """Avalanche 0.6 arguments for a clbench strategy at its tuned ``args`` (the mapping of memory_settings), or
+    None where the part has no counterpart."""
+    buffer, replay = args.get("buffer_size", 500), args.get("replay_batch_size")
+    if strategy == "finetune":
+        return {}
+    if strategy == "a-gem":
+        return dict(patterns_per_exp=buffer // tasks, sample_size=replay or 256)
+    if strategy in ("der", "der++"):
+        return dict(mem_size=buffer, batch_size_mem=replay or batch_size, alpha=args.get("alpha", 1.0),
+                    beta=args.get("beta", 0.5) if strategy == "der++" else 0.0)
+    if strategy == "er-ace":
+        return dict(mem_size=buffer, batch_size_mem=replay or batch_size)
+    return None
+
+
 def part_suite(args) -> None:
     """Both sides at a suite's protocol (its model, optimiser, lr, batch and epochs, all training images) and at
     the settings its committed tuning chose (a tuned learning rate included), on the suite's first
@@ -373,6 +399,9 @@ def part_suite(args) -> None:
           f"MLP 784-{widths[0]}-{widths[1]}-{stream.num_outputs}, {optimizer}, batch {batch}, {epochs} epoch(s) a "
           f"task, settings from {suite.results_dir.name}/tuning, clbench init {model_args.get('init', 'default')}, "
           f"torch threads {torch.get_num_threads()}\n")
+    if args.suite_avalanche:
+        part_suite_avalanche(args, stream, chosen, lr, batch, epochs, optimizer, model_args)
+        return
     print(f"| clbench / Mammoth | settings | clbench ACC ({args.mammoth_seeds} seeds) | Mammoth ACC | Welch |\n"
           "| --- | --- | --- | --- | --- |", flush=True)
     for name in args.suite_strategies.split(","):
@@ -395,6 +424,32 @@ def part_suite(args) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in sorted({**ours, "lr": lr_s}.items()))
         print(f"| {name} / {model} | {shown} | {fmt(a)} | {fmt(b) if b else 'not run'} | "
               f"{verdict(a, b) if b else ''} |", flush=True)
+
+
+def part_suite_avalanche(args, stream: Stream, chosen: dict[str, dict], lr: float, batch: int, epochs: int,
+                         optimizer: str, model_args: dict) -> None:
+    """The suite part against Avalanche 0.6 (``--suite-avalanche``): each side its own seeds, both in this
+    process, at the suite's protocol and its tuned settings."""
+    exported = stream.to_avalanche()
+    print(f"| clbench / Avalanche | settings | clbench ACC ({args.mammoth_seeds} seeds) | Avalanche ACC | Welch |\n"
+          "| --- | --- | --- | --- | --- |", flush=True)
+    for name in args.suite_strategies.split(","):
+        theirs = avalanche_args(name, chosen.get(name, {}), len(stream.tasks), batch) if name in chosen else None
+        if theirs is None:
+            print(f"| {name} | - | no committed tuning or no Avalanche counterpart in this part | | |", flush=True)
+            continue
+        ours = dict(chosen[name])
+        lr_s = float(ours.pop("lr", lr))
+        a = [clbench_acc(stream, name, ours, s, lr_s, batch, epochs, optimizer, model_args)
+             for s in range(args.mammoth_seeds)]
+        b = [avalanche_acc(stream, exported, name, theirs, s, lr_s, batch, epochs, optimizer, model_args)
+             for s in range(args.mammoth_seeds)]
+        shown = ", ".join(f"{k}={v}" for k, v in sorted({**ours, "lr": lr_s}.items()))
+        print(f"| {name} / {AVALANCHE_NAMES[name]} | {shown} | {fmt(a)} | {fmt(b)} | {verdict(a, b)} |", flush=True)
+
+
+AVALANCHE_NAMES = {"finetune": "`Naive`", "a-gem": "`AGEM`", "der": "`DER(beta=0)`", "der++": "`DER`",
+                   "er-ace": "`ER_ACE`"}
 
 
 def main() -> None:
@@ -420,6 +475,9 @@ def main() -> None:
     parser.add_argument("--suite-init", help="part 'suite': clbench's MLP init (default: the suite's; 'xavier' is "
                                              "Mammoth's Glorot-uniform weights and zero biases)")
     parser.add_argument("--mammoth-jobs", type=int, default=1, help="part 'suite': Mammoth runs at once")
+    parser.add_argument("--suite-avalanche", action="store_true",
+                        help="part 'suite': compare with Avalanche 0.6 (finetune and the memory methods; "
+                             "--mammoth-seeds seeds a side) instead of Mammoth")
     parser.add_argument("--suite-tasks", type=int, default=2,
                         help="part 'suite': the suite's first N tasks on both sides (Mammoth's --stop_after)")
     args = parser.parse_args()

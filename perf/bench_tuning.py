@@ -3,9 +3,10 @@
 The search: ewc-diag's strength and the learning rate (TPE, ``--trials`` trials, one tuning seed) on permuted
 Fashion-MNIST under Mammoth's P-MNIST protocol (Buzzega et al. 2020: MLP 784-100-100-10, SGD, batch 128,
 1 epoch a task, all 60000 training images; ``--tasks`` tasks, 20 in the paper), validation on a seeded 10%
-of each task's training images. ``clbench tune --batch auto`` (8 trials asked at once with TPE's constant
-liar, trained as one batched model) against ``--batch off`` (one trial, one run at a time), each in a
-fresh store. Prints both wall times, the ratio, and both searches' chosen settings and validation scores:
+of each task's training images. ``clbench tune``'s defaults (``--batch auto --jobs auto``: 8 trials asked at
+once with TPE's constant liar, shared out among one worker process per idle core, each training its share as
+one batched model) against one trial at a time (``--batch off --jobs 1``: one run at a time in this process,
+``--threads`` threads), each in a fresh store. Prints both wall times, the ratio, and both searches' chosen settings and validation scores:
 the first 10 trials are TPE's random start-up and the same points in both searches (each trial's random
 state comes from its place), so their values agree to float rounding; later points differ because the
 batched search hears back only after each batch.
@@ -58,6 +59,7 @@ def main() -> None:
 
     from clbench.experiments import suite as suites
     from clbench.experiments import tune
+    from clbench.experiments.batching import resolve_jobs
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="clbench-bench-tuning-"))
@@ -68,11 +70,13 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip() or "?"
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"commit {commit}: ewc-diag, {args.trials} trials, permuted Fashion-MNIST {args.tasks} tasks x "
-          f"{args.train_samples} images, MLP 784-100-100-10, SGD, 1 epoch")
+          f"{args.train_samples} images, MLP 784-100-100-10, SGD, 1 epoch; --jobs auto is "
+          f"{resolve_jobs('auto', 'ewc-diag')} worker process(es) ($CLBENCH_THREADS sets the cores to use)")
     out = {}
     for batch in ("auto", "off"):
         start = time.perf_counter()
-        summary = tune.tune(suite, "ewc-diag", root / batch, progress=False, batch=batch)
+        summary = tune.tune(suite, "ewc-diag", root / batch, progress=False, batch=batch,
+                            jobs="auto" if batch == "auto" else 1)
         out[batch] = (time.perf_counter() - start, summary)
         print(f"--batch {batch:4s}: {out[batch][0]:7.1f} s, chosen {summary['chosen']}, "
               f"validation acc {summary['validation_score']:.4f}", flush=True)

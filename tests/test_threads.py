@@ -71,14 +71,14 @@ def test_a_run_on_a_busy_machine_uses_fewer_threads_and_says_so(monkeypatch, tmp
     assert json.loads(out.read_text())["config"]["threads"] == 2
 
 
-def test_jobs_auto_gives_a_process_per_core_to_strategies_that_train_one_run_at_a_time(monkeypatch, tmp_path):
+def test_jobs_auto_gives_a_process_per_core_on_the_cpu(monkeypatch, tmp_path):
     from clbench.core.registry import load_plugin, register_strategy
     from clbench.core.strategy import Strategy
     from clbench.experiments.batching import resolve_jobs
 
     monkeypatch.setenv("CLBENCH_THREADS", "2")
     assert resolve_jobs("auto", "icarl") == 2          # no batched form: a process per core
-    assert resolve_jobs("auto", "ewc-diag") == 1       # one batched model uses every thread
+    assert resolve_jobs("auto", "ewc-diag") == 2       # batched: one batched model a process
     assert resolve_jobs("auto", "ewc-diag", batch="off") == 2
     assert resolve_jobs("auto", "icarl", device="cuda") == 1
     assert resolve_jobs("auto", "icarl", executor="ray") == 1

@@ -351,6 +351,19 @@ def test_batched_tuning_gives_each_setting_the_value_of_its_own_runs(tmp_path, m
     assert sizes == [4]  # batch="off" ran each trial alone
 
 
+def test_batched_trials_asked_together_are_shared_out_among_the_jobs(tmp_path, monkeypatch):
+    """``--batch auto --jobs 2``: TPE is asked 8 trials at once (as with one job), and each of the two workers
+    trains half of them as one batched model."""
+    path = write_suite(tmp_path, **{"trials = 3": "trials = 8"})
+    from clbench.experiments import batching
+    calls = []
+    real = batching.sweep_outcomes
+    monkeypatch.setattr(batching, "sweep_outcomes", lambda todo, device, commit, jobs, batch: calls.append(
+        [len(b) for b in batching.plan(todo, batch, jobs)]) or real(todo, device, commit, 1, batch))
+    summary = tune.tune(suites.load(path), "l2", tmp_path / "store", progress=False, jobs=2)
+    assert calls == [[4, 4]] and summary["trials_counted"] == 8
+
+
 def test_tuning_runs_on_the_stream_subset_the_suite_names(tmp_path, monkeypatch):
     """``[tuning] streams`` (e.g. a grid's corners): tuning trains on those configs only, and a trial's value is
     the mean of its runs there; the final rows still cover the whole grid."""

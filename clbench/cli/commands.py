@@ -250,13 +250,13 @@ def _add_suite_common(p) -> None:
     p.add_argument("--store", help="results folder (default: clbench-results/SUITE)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///STORE/tuning.db)")
     p.add_argument("--jobs", default="auto", metavar="auto|N",
-                   help="local worker processes for trials and final runs: auto (default) runs a strategy without "
-                        "a batched form (or any with --batch off) in one process per idle core, one thread each, "
-                        "and a batched one in 1; N: that many")
+                   help="local worker processes for trials and final runs: auto (default) is one process per "
+                        "idle core, one thread each, on the CPU (a batched strategy's trials and seeds shared out "
+                        "among them, one batched model each), 1 on a GPU; N: that many")
     p.add_argument("--batch", default="auto", metavar="auto|N|off",
                    help="ask several trials at once (TPE with constant liar) and train their runs, and the final "
-                        "seeds, together as one batched model: auto (default: 8 trials per job), N trials at a "
-                        "time, or off (--jobs trials at a time, one run each)")
+                        "seeds, together as batched models: auto (default: 8 trials at a time, shared out among the "
+                        "jobs), N trials at a time, or off (--jobs trials at a time, one run each)")
     p.add_argument("--executor", choices=("processes", "ray"), default="processes",
                    help="'processes': this machine (default); 'ray': one Ray task per batch (or per run with "
                         "--batch off), as in `clbench sweep`")

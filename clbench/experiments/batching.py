@@ -167,22 +167,23 @@ def _worker_can_import(obj: Any) -> bool:
 
 def resolve_jobs(jobs: int | str, strategy: str, batch: str | int = "auto", executor: str = "processes",
                  device: str = "cpu", say: bool = False) -> int:
-    """``jobs="auto"``: one worker process per core to use (clbench.core.threads.default_threads) for a
-    strategy whose runs train one at a time (no batched form, or ``batch="off"``) on the CPU: single runs of
-    small models gain more from a process per core than from more threads (docs/performance.md); else 1,
-    since one batched model already uses every thread. A number is taken as it is. ``say``: one stderr line
-    when auto chose several processes."""
+    """``jobs="auto"``: on the CPU, one worker process of one thread per core to use
+    (clbench.core.threads.default_threads), whether the strategy's runs are batched or not: the small models
+    of these suites gain more from a process per core than from more threads, batched or not
+    (docs/performance.md); a batched strategy's trials or seeds are then shared out among the workers, one
+    batched model each. Elsewhere (a GPU, Ray, a strategy the workers cannot import) 1. A number is taken as
+    it is. ``say``: one stderr line when auto chose several processes."""
     from clbench.core.registry import lookup
 
     if jobs != "auto":
         return _word_or_count(jobs, (), "--jobs takes auto or a whole number of worker processes (at least 1)")
     cls = lookup("strategy", strategy)
-    if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls) or \
-            (batch != "off" and has_batched_form(cls)):
+    if executor != "processes" or not str(device).startswith("cpu") or not _worker_can_import(cls):
         return 1
     n = default_threads(1)
     if say and n > 1:
-        why = "--batch off" if batch == "off" else "no batched form"
-        print(f"clbench: {strategy} ({why}): its runs go {n} at a time, one worker process and thread each "
-              "(--jobs 1 for one at a time)", file=sys.stderr)
+        how = ("batched models" if batch != "off" and has_batched_form(cls)
+               else f"runs ({'--batch off' if batch == 'off' else 'no batched form'})")
+        print(f"clbench: {strategy}: its {how} go {n} at a time, one worker process and thread each "
+              "(--jobs 1 for one process)", file=sys.stderr)
     return n

@@ -103,16 +103,14 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     processes, here or on other machines, may tune the same strategy on one ``storage`` at once: together they
     run the budget once (see clbench.experiments.trials). A trial that fails because of the environment or the
     code is not counted: the search stops with a ClbenchError and retries that setting on the next call.
-    ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials per job at a time and trains their runs together (a
-    strategy without a batched form: TRIALS_AT_ONCE at a time, run by its jobs, so that TPE hears back as
-    often as for a batched one), ``N``
-    asks N at a time, ``"off"`` asks ``jobs`` and runs each alone. A trial's value means the same either way;
-    which points TPE proposes depends on how many trials it asks before it hears back. ``jobs="auto"``: see
-    clbench.experiments.batching.resolve_jobs.
+    ``batch``: ``"auto"`` asks TRIALS_AT_ONCE trials at a time (``jobs`` if more) and shares them out among
+    the jobs, each training its share's runs together as one batched model (a strategy without a batched
+    form: each run alone), ``N`` asks N at a time, ``"off"`` asks ``jobs`` and runs each alone. A trial's
+    value means the same either way; which points TPE proposes depends on how many trials it asks before it
+    hears back. ``jobs="auto"``: see clbench.experiments.batching.resolve_jobs.
     """
     from tqdm.auto import tqdm
 
-    from clbench.batched import has_batched_form
     from clbench.core.engine import resolve_device
     from clbench.core.io import check_writable_folder
     from clbench.core.metrics import direction
@@ -123,9 +121,8 @@ def tune(suite: Suite, strategy: str, store_dir: str | os.PathLike, storage: str
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     batch = parse_batch(batch)
     jobs = resolve_jobs(jobs, strategy, batch, executor, device or suite.spec.get("device", "cpu"), say=progress)
-    if batch == "auto":  # a strategy without a batched form is asked the same 8 at a time (its jobs run them)
-        batched = has_batched_form(lookup("strategy", strategy))
-        at_once = TRIALS_AT_ONCE * jobs if batched else max(TRIALS_AT_ONCE, jobs)
+    if batch == "auto":  # 8 at a time, batched or not, shared out among the jobs (one batched model each)
+        at_once = max(TRIALS_AT_ONCE, jobs)
     else:
         at_once = jobs if batch == "off" else batch
     if max_new_trials is not None and max_new_trials < 1:
