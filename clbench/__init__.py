@@ -13,11 +13,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-if "torch" not in sys.modules:
-    # OpenMP threads that spin at every barrier waiting for a descheduled sibling make small-tensor training
-    # 10x+ slower on a machine whose cores other processes keep busy; sleeping waiters cost little when it is
-    # quiet (docs/performance.md). Must be set before torch loads its OpenMP runtime; a user's own value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+if "torch" not in sys.modules and not any(k in os.environ for k in WAIT_SETTINGS):
+    # OpenMP threads wait for each other at the end of every parallel operation. Spinning long (libgomp's
+    # default) makes small-tensor training many times slower on a machine whose cores other processes keep
+    # busy; sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes it 2-3x slower on a quiet one. A short spin
+    # before sleeping keeps most of both (docs/performance.md, "On a busy machine"): 100,000 spins in
+    # libgomp (torch's OpenMP on Linux); other OpenMP runtimes sleep at once (KMP_BLOCKTIME=0). Set before
+    # torch loads its OpenMP runtime; a user's own setting of any of these wins.
+    os.environ["GOMP_SPINCOUNT"] = "100000"
+    os.environ["KMP_BLOCKTIME"] = "0"
 
 from clbench.core.engine import Result, TrainingDiverged, evaluate, run  # noqa: E402
 from clbench.core.errors import ClbenchError  # noqa: E402

@@ -3,8 +3,9 @@
 Runs the same permuted Fashion-MNIST protocol as ``bench_vs_avalanche.py`` (MLP 784-400-400-10, SGD lr 0.05,
 batch 128, one epoch a task) for clbench and for Avalanche 0.6, each in a fresh process, first on a quiet
 machine and then while this script keeps one busy-loop process per core running. clbench is also run with
-``OMP_WAIT_POLICY=ACTIVE`` (OpenMP's spinning waiters, torch's default before clbench sets ``PASSIVE``) to
-show what the setting buys, and through the ``clbench run`` command, which chooses its thread count from the
+``OMP_WAIT_POLICY=ACTIVE`` (waiters that spin until released), with ``OMP_WAIT_POLICY=PASSIVE`` (waiters that
+sleep at once) and with libgomp's own default (a long spin; clbench sets a short one, ``GOMP_SPINCOUNT``) to
+show what its setting buys, and through the ``clbench run`` command, which chooses its thread count from the
 machine's load (clbench.core.threads), as well as through the Python API, which keeps torch's. Prints each
 wall time and each slowdown (busy / quiet).
 
@@ -40,9 +41,12 @@ def timed(side: str, tasks: int, env: dict[str, str]) -> float:
         code = ("import json, time; from clbench.cli.commands import main; t = time.perf_counter(); "
                 f"assert main({argv!r}) == 0; print(json.dumps([time.perf_counter() - t]))")
     else:
-        code = (f"import sys, json, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, {str(HERE)!r}); "
-                f"import bench_vs_avalanche as b; t, acc = b.{side}_run({tasks}, 1, 'cpu'); print(json.dumps([t, acc]))")
-    environ = {k: v for k, v in os.environ.items() if k != "CLBENCH_THREADS"}
+        first = "import clbench; " if side == "clbench" else ""  # before torch: clbench's OpenMP setting applies
+        code = (f"{first}import sys, json, warnings; warnings.filterwarnings('ignore'); "
+                f"sys.path.insert(0, {str(HERE)!r}); import bench_vs_avalanche as b; "
+                f"t, acc = b.{side}_run({tasks}, 1, 'cpu'); print(json.dumps([t, acc]))")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("CLBENCH_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     out = subprocess.run([sys.executable, "-c", code], env={**environ, **env}, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])[0]
@@ -61,6 +65,8 @@ def main() -> None:
     runs = {"clbench run (threads from the load)": ("command", {}),
             "clbench API (torch's threads)": ("clbench", {}),
             "clbench API, OMP_WAIT_POLICY=ACTIVE": ("clbench", {"OMP_WAIT_POLICY": "ACTIVE"}),
+            "clbench API, OMP_WAIT_POLICY=PASSIVE": ("clbench", {"OMP_WAIT_POLICY": "PASSIVE"}),
+            "clbench API, libgomp's default spin": ("clbench", {"GOMP_SPINCOUNT": "300000"}),
             "clbench API, 1 thread": ("clbench", {"OMP_NUM_THREADS": "1"})}
     if not args.skip_avalanche:
         runs["avalanche"] = ("avalanche", {})
