@@ -6,9 +6,11 @@ search space, run through the command line as a user would:
 
     clbench tune --suite SUITE --strategy ewc-diag --max-new-trials 8 --batch auto|off --store FRESH
 
-``--batch auto`` trains the 8 trials as one batched model in one process; ``--batch off`` runs them one
-run at a time, in one worker process per idle core, one thread each (``--jobs auto``). The final seeds
-batch the same way. Prints one Markdown row per suite: both wall times and their ratio.
+Both sides use ``--jobs auto``: one worker process per idle core, one thread each. ``--batch auto`` shares
+the 8 trials out among the workers, each training its share as one batched model; ``--batch off`` runs
+them one run at a time in the same workers. The final seeds batch the same way. Both sides count every
+core this process may use as idle (``$CLBENCH_THREADS``, unless set), so that the load one side leaves in
+the load average does not give the next fewer workers. Prints one Markdown row per suite: both wall times and their ratio.
 
     python perf/bench_regeneration.py [--suites permuted-fashion-mnist,...] [--trials 8] [--strategy ewc-diag]
 """
@@ -30,8 +32,11 @@ SUITES = ["permuted-fashion-mnist", "split-fashion-mnist-task", "split-fashion-m
 def tune_seconds(suite: str, strategy: str, trials: int, batch: str, store: Path) -> float:
     cmd = [sys.executable, "-m", "clbench", "tune", "--suite", suite, "--strategy", strategy, "--store", str(store),
            "--max-new-trials", str(trials), "--batch", batch, "--quiet"]
+    # the same cores for both sides: the load average a side leaves behind would otherwise lower the next
+    # side's count of idle cores (clbench.core.threads) for about a minute
+    env = {**os.environ, "CLBENCH_THREADS": os.environ.get("CLBENCH_THREADS", str(len(os.sched_getaffinity(0))))}
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
