@@ -148,19 +148,34 @@ def memory_settings(tasks: int, buffer: int = 200, replay: int = 32, fit_epochs:
     """clbench arguments and the mapped Avalanche arguments, per method."""
     gdumb = dict(memory_size=buffer, fit_epochs=fit_epochs, max_lr=lr, min_lr=lr, momentum=0.0, weight_decay=0.0,
                  clip=1e9)
+    replayed = {"a-gem": dict(buffer_size=buffer, replay_batch_size=replay),
+                "der": dict(alpha=0.5, buffer_size=buffer, replay_batch_size=replay),
+                "der++": dict(alpha=0.5, beta=0.5, buffer_size=buffer, replay_batch_size=replay),
+                "er-ace": dict(buffer_size=buffer, replay_batch_size=replay)}
     return {
-        "a-gem": (dict(buffer_size=buffer, replay_batch_size=replay),
-                  dict(patterns_per_exp=buffer // tasks, sample_size=replay)),
-        "der": (dict(alpha=0.5, buffer_size=buffer, replay_batch_size=replay),
-                dict(mem_size=buffer, batch_size_mem=replay, alpha=0.5, beta=0.0)),
-        "der++": (dict(alpha=0.5, beta=0.5, buffer_size=buffer, replay_batch_size=replay),
-                  dict(mem_size=buffer, batch_size_mem=replay, alpha=0.5, beta=0.5)),
-        "er-ace": (dict(buffer_size=buffer, replay_batch_size=replay), dict(mem_size=buffer, batch_size_mem=replay)),
+        **{name: (ours, avalanche_args(name, ours, tasks, replay)) for name, ours in replayed.items()},
         "gdumb": (gdumb, dict(mem_size=buffer, train_epochs=fit_epochs)),
         "icarl": (dict(memory_size=buffer), dict(memory_size=buffer, buffer_transform=None, fixed_memory=True)),
         "bic": (dict(memory_size=buffer, val_share=0.1, temperature=2.0),
                 dict(mem_size=buffer, val_percentage=0.1, T=2)),
     }
+
+
+def avalanche_args(strategy: str, args: dict[str, Any], tasks: int, batch_size: int) -> dict[str, Any] | None:
+    """Avalanche 0.6 arguments for clbench's ``strategy`` at ``args`` (finetune and the replay-buffer methods), or
+    None where there is no counterpart here. A replay batch ``args`` does not give is clbench's default: the
+    incoming batch size (A-GEM: 256)."""
+    buffer, replay = args.get("buffer_size", 500), args.get("replay_batch_size")
+    if strategy == "finetune":
+        return {}
+    if strategy == "a-gem":
+        return dict(patterns_per_exp=buffer // tasks, sample_size=replay or 256)
+    if strategy in ("der", "der++"):
+        return dict(mem_size=buffer, batch_size_mem=replay or batch_size, alpha=args.get("alpha", 1.0),
+                    beta=args.get("beta", 0.5) if strategy == "der++" else 0.0)
+    if strategy == "er-ace":
+        return dict(mem_size=buffer, batch_size_mem=replay or batch_size)
+    return None
 
 
 def model_for(stream: Stream, seed: int, model_args: dict | None = None) -> torch.nn.Module:
@@ -340,22 +355,6 @@ def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[
         return "ewc_on", ["--e_lambda", str(args["strength"] / 2), "--gamma", "1.0"], {**args, "form": "online"}
     if strategy == "icarl":
         return "icarl", ["--buffer_size", memory], args
-    return None
-
-
-def avalanche_args(strategy: str, args: dict[str, Any], tasks: int, batch_size: int) -> dict[str, Any] | None:
-    """Avalanche 0.6 arguments for a clbench strategy at its tuned ``args`` (the mapping of memory_settings), or
-    None where the part has no counterpart."""
-    buffer, replay = args.get("buffer_size", 500), args.get("replay_batch_size")
-    if strategy == "finetune":
-        return {}
-    if strategy == "a-gem":
-        return dict(patterns_per_exp=buffer // tasks, sample_size=replay or 256)
-    if strategy in ("der", "der++"):
-        return dict(mem_size=buffer, batch_size_mem=replay or batch_size, alpha=args.get("alpha", 1.0),
-                    beta=args.get("beta", 0.5) if strategy == "der++" else 0.0)
-    if strategy == "er-ace":
-        return dict(mem_size=buffer, batch_size_mem=replay or batch_size)
     return None
 
 
