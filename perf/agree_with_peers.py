@@ -339,8 +339,8 @@ def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[
         return "sgd", [], args
     if strategy == "replay":
         return "er", replay, args
-    if strategy == "a-gem":
-        return "agem", replay, args
+    if strategy == "a-gem":  # clbench's reference batch defaults to 256 (the paper's code), not the batch size
+        return "agem", ["--buffer_size", memory, "--minibatch_size", str(args.get("replay_batch_size") or 256)], args
     if strategy == "der":
         return "der", replay + ["--alpha", str(args.get("alpha", 1.0))], args
     if strategy == "der++":
@@ -350,7 +350,8 @@ def mammoth_args(strategy: str, args: dict[str, Any], batch_size: int) -> tuple[
     if strategy == "si":  # Zenke et al.'s c and xi on both sides (clbench's default xi is 1e-3)
         return "si", ["--c", str(args.get("c", 0.1)), "--xi", str(args.get("xi", 1e-3))], args
     if strategy == "lwf":
-        return "lwf", ["--alpha", str(args.get("alpha", 1.0)), "--softmax_temp", str(args.get("temperature", 2.0))], args
+        return "lwf", ["--alpha", str(args.get("alpha", 1.0)),
+                       "--softmax_temp", str(args.get("temperature", 2.0))], args
     if strategy == "ewc-diag":  # Mammoth has the online form only: e_lambda * sum F d^2 = (strength / 2) sum F d^2
         return "ewc_on", ["--e_lambda", str(args["strength"] / 2), "--gamma", "1.0"], {**args, "form": "online"}
     if strategy == "icarl":
@@ -394,9 +395,15 @@ def part_suite(args) -> None:
     for path in sorted((suite.results_dir / "tuning").glob("*.json")):
         t = json.loads(path.read_text())
         chosen[t["strategy"]] = {**t["fixed_args"], **t["chosen"]}
+    if args.suite_settings:  # e.g. Mammoth's best_args, in clbench's terms, instead of the suite's tuning
+        given = json.loads(Path(args.suite_settings).read_text() if Path(args.suite_settings).is_file()
+                           else args.suite_settings)
+        for name, settings in given.items():
+            chosen[name] = {**suite.strategy_entry(name).get("args", {}), **settings}
+    source = "--suite-settings" if args.suite_settings else f"{suite.results_dir.name}/tuning"
     print(f"{suite.name} v{suite.version}: {dataset}, {len(stream.tasks)} tasks, all training images, "
           f"MLP 784-{widths[0]}-{widths[1]}-{stream.num_outputs}, {optimizer}, batch {batch}, {epochs} epoch(s) a "
-          f"task, settings from {suite.results_dir.name}/tuning, clbench init {model_args.get('init', 'default')}, "
+          f"task, settings from {source}, clbench init {model_args.get('init', 'default')}, "
           f"torch threads {torch.get_num_threads()}\n")
     if args.suite_avalanche:
         part_suite_avalanche(args, stream, chosen, lr, batch, epochs, optimizer, model_args)
@@ -474,6 +481,10 @@ def main() -> None:
     parser.add_argument("--suite-init", help="part 'suite': clbench's MLP init (default: the suite's; 'xavier' is "
                                              "Mammoth's Glorot-uniform weights and zero biases)")
     parser.add_argument("--mammoth-jobs", type=int, default=1, help="part 'suite': Mammoth runs at once")
+    parser.add_argument("--suite-settings", metavar="JSON",
+                        help="part 'suite': settings per strategy instead of the committed tuning's, as JSON or a "
+                             "JSON file, e.g. '{\"der++\": {\"lr\": 0.2, \"alpha\": 1.0, \"beta\": 0.5}}' (the "
+                             "suite's fixed arguments still apply)")
     parser.add_argument("--suite-avalanche", action="store_true",
                         help="part 'suite': compare with Avalanche 0.6 (finetune and the memory methods; "
                              "--mammoth-seeds seeds a side) instead of Mammoth")
