@@ -210,6 +210,8 @@ class EWCDiagAdapter(L2Adapter):
     F = sum_k F_k, a = sum_k F_k theta_k / F and the constant c (kept, so the loss curves match); the online
     form holds one (F, anchor) pair already."""
 
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
         return (strategy.fisher_kind, strategy.form)

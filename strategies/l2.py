@@ -69,6 +69,8 @@ class L2(Strategy):
 
 @batched_form(L2)
 class L2Adapter(Adapter):
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     @staticmethod
     def refuse(stream: Stream, strategy: Strategy) -> str | None:
         if strategy.anchor_initial:

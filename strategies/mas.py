@@ -161,6 +161,8 @@ class MASAdapter(EWCDiagAdapter):
     at MAS's weight lambda rather than lambda / 2. Omega is each member's own: after a task every member runs
     its after_task (mas_importance) on its own weights, and refresh stacks the result."""
 
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
         return (strategy.form,)

@@ -71,6 +71,8 @@ class SynapticIntelligence(Strategy):
 
 @batched_form(SynapticIntelligence)
 class SIAdapter(Adapter):
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     def refresh(self) -> None:
         s = [m.strategy for m in self.g.members]
         self.c = member_numbers(self.g.members, "c", self.g.dev)

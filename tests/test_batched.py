@@ -1,4 +1,6 @@
 """Batched runs give every member the R of its separate run (the slow obvious reference)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +301,59 @@ def test_final_only_skips_the_middle_rows_and_changes_nothing_else(tmp_path, nam
     assert np.isnan(B[1:-1]).all()
     np.testing.assert_allclose(B[[0, -1]], R[[0, -1]], atol=0.02)  # 100 test images: one flip is 0.01
     assert batched[0].metrics["acc"] == pytest.approx(full.metrics["acc"], abs=0.02)
+
+
+def _group_sizes(monkeypatch):
+    """The size of every Group run_batched builds, and the before_task hooks it runs, as they happen."""
+    from clbench.batched import group
+
+    sizes, hooks, init, hook = [], [], group.Group.__init__, group.Group.hook
+
+    def counting_init(self, members, *args):
+        sizes.append(len(members))
+        init(self, members, *args)
+
+    def counting_hook(self, b, name, *args):
+        hooks.append(name)
+        return hook(self, b, name, *args)
+
+    monkeypatch.setattr(group.Group, "__init__", counting_init)
+    monkeypatch.setattr(group.Group, "hook", counting_hook)
+    return sizes, hooks
+
+
+@pytest.mark.parametrize("name,wild,tame", [("ewc-diag", {"strength": 1e9}, {"strength": 1.0}),
+                                            ("finetune", {"lr": 1e9}, {"lr": 0.05}),
+                                            ("replay", {"lr": 1e9, "buffer_size": 40}, {"lr": 0.05, "buffer_size": 40})])
+def test_diverged_members_leave_the_batch_at_the_next_task_and_the_rest_do_not_change(monkeypatch, name, wild, tame):
+    """A member that diverges stops there, as its own run does; the others go on as a smaller batch (when the
+    strategy's batched form keeps its state in the members) with the R of their separate runs."""
+    sizes, _ = _group_sizes(monkeypatch)
+    args = [wild, tame, wild, tame]
+    members = [Member(small_ts(0.5, 0.5, seed, tasks=4), make_strategy(name, epochs=3, **a), seed)
+               for seed, a in enumerate(args)]
+    batched = run_batched(members, device="cpu")
+    for seed, (got, a) in enumerate(zip(batched, args)):
+        alone = None
+        try:
+            alone = run(small_ts(0.5, 0.5, seed, tasks=4), make_strategy(name, epochs=3, **a), device="cpu", seed=seed,
+                        progress=False)
+        except ClbenchError as e:
+            assert type(got) is type(e) and str(got) == str(e)  # the same task, the same reason
+            np.testing.assert_allclose(got.partial.R, e.partial.R, rtol=1e-4, atol=1e-4)
+        if alone is not None:
+            assert not isinstance(got, Exception), got
+            np.testing.assert_allclose(got.R, alone.R, atol=1e-4)
+            np.testing.assert_allclose(got.loss_curves, alone.loss_curves, rtol=1e-3, atol=1e-4)
+    assert [isinstance(r, Exception) for r in batched] == [True, False, True, False]
+    assert sizes == ([4] if name == "replay" else [4, 2])  # replay's batched buffer lives in its adapter
+
+
+def test_a_batch_whose_members_all_diverged_stops(monkeypatch):
+    sizes, hooks = _group_sizes(monkeypatch)
+    members = [Member(small_ts(0.5, 0.5, seed, tasks=4), make_strategy("ewc-diag", epochs=3, strength=s), seed)
+               for seed, s in enumerate((1e9, 1e10))]
+    batched = run_batched(members, device="cpu")
+    last = max(int(re.search(r"diverged on task (\d)", str(r)).group(1)) for r in batched)
+    assert last < 4 and sizes == [2]
+    assert hooks.count("before_task") == 2 * last  # no task after the divergence is trained

@@ -36,6 +36,10 @@ class Adapter:
     """Batched hot loop of one strategy class; the default is plain training (finetune, joint)."""
 
     order_matters = False  # True when the hot loop depends on the order of samples in a batch (replay)
+    # True when, after a task's hooks, refresh() rebuilds every piece of batched state from the members' own
+    # strategy objects: a batch may then drop its diverged members at a task boundary and go on smaller.
+    # Read from each class itself, not inherited (a subclass that keeps state of its own must not pass).
+    state_in_members = True
 
     def __init__(self, group: "Group") -> None:
         self.g = group
@@ -85,6 +89,11 @@ class Adapter:
 
     def bytes_per_member(self, strategy: Strategy, stream: Stream, model: nn.Module) -> int:
         return 0
+
+
+def state_in_members(adapter: type[Adapter]) -> bool:
+    """Whether ``adapter`` itself declares ``state_in_members = True`` (see Adapter)."""
+    return vars(adapter).get("state_in_members", False)
 
 
 def member_numbers(members: list[Member], attr: str, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.batched.adapter import Member, adapter_for, batchable
+from clbench.batched.adapter import Member, adapter_for, batchable, state_in_members
 from clbench.batched.continual import StackedCurves
 from clbench.batched.inputs import DenseInputs, PermutedInputs, distinct_inputs
 from clbench.batched.optim import MemberOptimizer
@@ -293,127 +293,144 @@ def _chunks(indices: list[int], members: list[Member], models: list[nn.Module], 
 
 def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device, eval_every: int | None = None,
                eval_samples: int = continual.EVAL_SAMPLES, final_only: bool = False) -> list[Result | ClbenchError]:
-    g = Group(members, models, dev)
-    members, models, group_order = g.members, g.models, g.order  # in the group's order from here on
-    g.adapter = adapter = adapter_for(members[0].strategy)(g)
-    B, T = g.B, len(g.tasks[0])
-    settings = members[0].strategy.settings()
-    lrs = [m.strategy.settings()["lr"] for m in members]
-    bs = settings["batch_size"]
-    generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
-    all_full = not adapter.order_matters and all(bs >= d["train_x"].n for d in g.data)
-    raw = np.full((B, T + 1, T), np.nan)
-    curves: list[list[list[float]]] = [[] for _ in range(B)]
+    """Train ``members`` in lockstep. A diverged member stops there, as its own run would: once every member
+    has, the batch stops; when only some have, they are dropped at the task boundary and the rest go on as a
+    smaller batch (rebuilt from their weights, strategy objects, batch-order generators and random streams, so
+    nothing of theirs changes), provided their batched form keeps no state of its own (Adapter.state_in_members)
+    and no continual evaluation is recorded."""
+    n, T = len(members), len(members[0].stream.tasks)
+    raw = np.full((n, T + 1, T), np.nan)  # from here on, members are indexed as the caller gave them
+    curves: list[list[list[float]]] = [[] for _ in range(n)]
     failed: dict[int, ClbenchError] = {}
+    generators = [torch.Generator(device=dev).manual_seed(m.seed) for m in members]
+    settings = members[0].strategy.settings()
+    bs = settings["batch_size"]
+    adapter_class = adapter_for(members[0].strategy)
     start = time.perf_counter()
+    recorder, global_step, first, active = None, 0, 0, list(range(n))
+    while True:
+        g = Group([members[k] for k in active], [models[k] for k in active], dev)
+        ids = [active[b] for b in g.order]  # group position -> the caller's index
+        g.adapter = adapter = adapter_class(g)
+        B = g.B
+        lrs = [members[k].strategy.settings()["lr"] for k in ids]
+        gens = [generators[k] for k in ids]
+        all_full = not adapter.order_matters and all(bs >= d["train_x"].n for d in g.data)
 
-    def result(b: int, complete: bool) -> Result:
-        m = members[b]
-        config = run_config(m.stream, m.strategy, m.strategy.settings(), dev, m.seed, config=m.config)
-        return make_result(raw[b], m.stream, m.strategy, models[b], config, m.seed, curves[b],
-                           (time.perf_counter() - start) / B, dev, complete, extra={"batched_members": B},
-                           continual_curves=recorder.to_dict(b) if recorder else None)
+        def result(k: int, complete: bool) -> Result:
+            m = members[k]
+            config = run_config(m.stream, m.strategy, m.strategy.settings(), dev, m.seed, config=m.config)
+            return make_result(raw[k], m.stream, m.strategy, models[k], config, m.seed, curves[k],
+                               (time.perf_counter() - start) / n, dev, complete, extra={"batched_members": n},
+                               continual_curves=recorder.to_dict(ids.index(k)) if recorder else None)
 
-    def check_row(i: int) -> None:  # members diverge independently (see clbench.core.engine.run)
-        finite = torch.stack([torch.isfinite(p.detach().reshape(B, -1)).all(1) for p in g.net.params]).all(0)
-        finite = finite.tolist()
-        for b in range(B):
-            why = None if i == 0 or finite[b] else "a weight became NaN or infinite"
-            why = why or score_problem(raw[b, i], members[b].stream.loss, raw[b, 0] if i else None)
-            if why and b not in failed:
-                raw[b, i] = np.nan  # the partial result keeps the rows before the divergence
-                failed[b] = diverged(why, max(i - 1, 0), lrs[b], result(b, complete=False))
+        def check_row(i: int) -> None:  # members diverge independently (see clbench.core.engine.run)
+            finite = torch.stack([torch.isfinite(p.detach().reshape(B, -1)).all(1) for p in g.net.params]).all(0)
+            finite = finite.tolist()
+            for b, k in enumerate(ids):
+                why = None if i == 0 or finite[b] else "a weight became NaN or infinite"
+                why = why or score_problem(raw[k, i], members[k].stream.loss, raw[k, 0] if i else None)
+                if why and k not in failed:
+                    raw[k, i] = np.nan  # the partial result keeps the rows before the divergence
+                    failed[k] = diverged(why, max(i - 1, 0), lrs[b], result(k, complete=False))
 
-    adapter.refresh()
-    recorder = StackedCurves(g, eval_every, eval_samples) if eval_every else None  # the engine's steps and rows
-    raw[:, 0] = g.evaluate()
-    check_row(0)
-    if recorder:
-        recorder.record(0, 0)
-    global_step = 0
-    for i in range(T):
-        for b in range(B):
-            g.hook(b, "before_task", g.tasks[b][i])
         adapter.refresh()
-        seen = g.tasks[0][: i + 1]
-        train_on = [next(k for k, s in enumerate(seen) if s is t)
-                    for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
-        optimizer = (make_optimizer(settings["optimizer"], g.net.params, lrs[0]) if len(set(lrs)) == 1
-                     else MemberOptimizer(settings["optimizer"], g.net.params, lrs))
-        steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
-        task_end = global_step + settings["epochs"] * steps
-        if recorder:
-            recorder.start_task(global_step)
-        gates = {t: adapter.gates(t) for t in train_on}
-        batches = {t: _batch_sharing(g.data[t]["rows"], [m.seed for m in members], dev) for t in train_on}
-        for curve in curves:
-            curve.append([])  # one list of epoch losses per task, as the engine records
-        for epoch in range(settings["epochs"]):
-            # the generators serve batch orders only: with every task of the stream full batch, no order is read
-            orders = {t: None if all_full else torch.stack([
-                torch.randperm(g.data[t]["train_x"].n, device=dev, generator=gen) for gen in generators])
-                for t in train_on}
-            epoch_loss = torch.zeros(B, device=dev)
-            for step in range(steps):
-                loss = torch.zeros(B, device=dev)
-                for t in train_on:
-                    d, order = g.data[t], orders[t]
-                    if bs >= d["train_x"].n and not adapter.order_matters:
-                        # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
-                        # order, so skip the gather (sums differ from the engine's in rounding only)
-                        x, y = (d["train_x"].all(), d["train_y"]) if d["sharing"] is not None else g.full(t)
-                        sharing = d["sharing"]
-                    else:
-                        idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
-                        batch = batches[t]  # members with the same data and seed draw the same batches
-                        x = d["train_x"].take(batch["rows"], idx[batch["first"]])
-                        y = d["train_y"][g.member_index, idx]
-                        sharing = batch["sharing"]
-                    out = g.net.forward(x, gates[t], sharing)
-                    loss = loss + adapter.incoming_loss(out, y, t)
-                    penalty = adapter.penalty()
-                    if penalty is not None:
-                        loss = loss + penalty
-                    loss = adapter.extra_loss(x, y, t, loss, out, sharing)
-                loss = loss / len(train_on)  # as the engine: the mean over the tasks trained on
-                for p in g.net.params:
-                    p.grad = None
-                loss.sum().backward()  # members do not interact: each gets its own loss's gradient
-                adapter.after_backward()
-                optimizer.step()
-                adapter.after_step()
-                epoch_loss += loss.detach()
-                global_step += 1
-                if recorder and recorder.due(global_step, task_end):
-                    recorder.record(global_step, i)
-            mean_loss = (epoch_loss / steps).tolist()
-            for b in range(B):
-                curves[b][-1].append(mean_loss[b])
-                if b not in failed and not math.isfinite(mean_loss[b]):
-                    failed[b] = diverged(f"the training loss became {mean_loss[b]} in epoch {epoch + 1}", i,
-                                         lrs[b], result(b, complete=False))
-        adapter.before_after_task()
-        if not adapter.after_task(i):
-            for b in range(B):
-                if b in failed:
-                    continue
-                try:
-                    g.hook(b, "after_task", g.tasks[b][i])
-                except ClbenchError as e:
-                    failed[b] = e
-        adapter.refresh()
-        if recorder:
-            recorder.record(global_step, i)
-        if final_only and i < T - 1:
-            continue
-        raw[:, i + 1] = g.evaluate()
-        check_row(i + 1)
+        if first == 0:
+            recorder = StackedCurves(g, eval_every, eval_samples) if eval_every else None  # the engine's steps, rows
+            raw[ids, 0] = g.evaluate()
+            check_row(0)
+            if recorder:
+                recorder.record(0, 0)
+        regroup = False
+        for i in range(first, T):
+            for b, k in enumerate(ids):
+                g.hook(b, "before_task", g.tasks[b][i])
+            adapter.refresh()
+            seen = g.tasks[0][: i + 1]
+            train_on = [next(j for j, s in enumerate(seen) if s is t)
+                        for t in members[0].strategy.train_tasks(g.tasks[0][i], seen)]
+            optimizer = (make_optimizer(settings["optimizer"], g.net.params, lrs[0]) if len(set(lrs)) == 1
+                         else MemberOptimizer(settings["optimizer"], g.net.params, lrs))
+            steps = max(math.ceil(g.data[t]["train_x"].n / bs) for t in train_on)
+            task_end = global_step + settings["epochs"] * steps
+            if recorder:
+                recorder.start_task(global_step)
+            gates = {t: adapter.gates(t) for t in train_on}
+            batches = {t: _batch_sharing(g.data[t]["rows"], [members[k].seed for k in ids], dev) for t in train_on}
+            for k in ids:
+                curves[k].append([])  # one list of epoch losses per task, as the engine records
+            for epoch in range(settings["epochs"]):
+                # the generators serve batch orders only: with every task of the stream full batch, no order is read
+                orders = {t: None if all_full else torch.stack([
+                    torch.randperm(g.data[t]["train_x"].n, device=dev, generator=gen) for gen in gens])
+                    for t in train_on}
+                epoch_loss = torch.zeros(B, device=dev)
+                for step in range(steps):
+                    loss = torch.zeros(B, device=dev)
+                    for t in train_on:
+                        d, order = g.data[t], orders[t]
+                        if bs >= d["train_x"].n and not adapter.order_matters:
+                            # full batch (e.g. teacher-student exact mode): the mean loss does not depend on the
+                            # order, so skip the gather (sums differ from the engine's in rounding only)
+                            x, y = (d["train_x"].all(), d["train_y"]) if d["sharing"] is not None else g.full(t)
+                            sharing = d["sharing"]
+                        else:
+                            idx = order[:, (step * bs) % order.shape[1]:][:, :bs]
+                            batch = batches[t]  # members with the same data and seed draw the same batches
+                            x = d["train_x"].take(batch["rows"], idx[batch["first"]])
+                            y = d["train_y"][g.member_index, idx]
+                            sharing = batch["sharing"]
+                        out = g.net.forward(x, gates[t], sharing)
+                        loss = loss + adapter.incoming_loss(out, y, t)
+                        penalty = adapter.penalty()
+                        if penalty is not None:
+                            loss = loss + penalty
+                        loss = adapter.extra_loss(x, y, t, loss, out, sharing)
+                    loss = loss / len(train_on)  # as the engine: the mean over the tasks trained on
+                    for p in g.net.params:
+                        p.grad = None
+                    loss.sum().backward()  # members do not interact: each gets its own loss's gradient
+                    adapter.after_backward()
+                    optimizer.step()
+                    adapter.after_step()
+                    epoch_loss += loss.detach()
+                    global_step += 1
+                    if recorder and recorder.due(global_step, task_end):
+                        recorder.record(global_step, i)
+                mean_loss = (epoch_loss / steps).tolist()
+                for b, k in enumerate(ids):
+                    curves[k][-1].append(mean_loss[b])
+                    if k not in failed and not math.isfinite(mean_loss[b]):
+                        failed[k] = diverged(f"the training loss became {mean_loss[b]} in epoch {epoch + 1}", i,
+                                             lrs[b], result(k, complete=False))
+            adapter.before_after_task()
+            if not adapter.after_task(i):
+                for b, k in enumerate(ids):
+                    if k in failed:
+                        continue
+                    try:
+                        g.hook(b, "after_task", g.tasks[b][i])
+                    except ClbenchError as e:
+                        failed[k] = e
+            adapter.refresh()
+            if recorder:
+                recorder.record(global_step, i)
+            if not final_only or i == T - 1:
+                raw[ids, i + 1] = g.evaluate()
+                check_row(i + 1)
+            lost = sum(k in failed for k in ids)
+            if i < T - 1 and (lost == B or (lost and recorder is None and state_in_members(adapter_class))):
+                regroup = True
+                break
+        for b, k in enumerate(ids):  # the weights reached, into each member's own model
+            g.net.load(b, models[k])
+            members[k]._rng = g.rng_states[b]
+        active, first = [k for k in ids if k not in failed], i + 1
+        if not regroup or not active:
+            break
     if hasattr(adapter, "finish"):
         adapter.finish()
-    for b in range(B):
-        g.net.load(b, members[b].strategy.model)
-    results = [failed[b] if b in failed else result(b, complete=True) for b in range(B)]
-    return [results[group_order.index(k)] for k in range(B)]  # back in the caller's order
+    return [failed[k] if k in failed else result(k, complete=True) for k in range(n)]
 
 
 def run_seeds(stream: Stream, seeds: list[int], *, model_name: str | None = None,
