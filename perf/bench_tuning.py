@@ -8,13 +8,13 @@ split of the training images. ``clbench tune``'s defaults (``--batch auto --jobs
 once with TPE's constant liar, shared out among one worker process per idle core, each training its share
 as one batched model) against one trial at a time (``--batch off --jobs 1``: one run at a time in this
 process, ``--threads`` threads), each in a fresh store. Prints both wall times, the ratio, both searches'
-chosen settings and validation scores, and how many trials diverged (a diverged run stops early when it runs
-alone; in a batch it trains to the end beside the others). The first 10 trials are TPE's random start-up
+chosen settings and validation scores, and how many trials diverged (a diverged run stops where it diverged;
+in a batch it leaves at the next task boundary). ``--jobs 1``: the batched search in this process instead. The first 10 trials are TPE's random start-up
 and the same points in both searches (each trial's random state comes from its place), so their values
 agree up to float rounding compounded over the run; later points differ because the batched search hears
 back only after each batch.
 
-    python perf/bench_tuning.py [--suite permuted-fashion-mnist] [--strategy ewc-diag] [--trials 16] [--threads 2]
+    python perf/bench_tuning.py [--suite permuted-fashion-mnist] [--strategy ewc-diag] [--trials 16] [--threads 2] [--jobs auto]
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="ewc-diag")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", default="auto", help="the batched search's --jobs (auto: one worker per core)")
     args = parser.parse_args()
     import torch
 
@@ -46,13 +47,13 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip() or "?"
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, commit {commit}: {args.strategy}, the first {args.trials} trials on {suite.name} v{suite.version}; "
-          f"--jobs auto is {resolve_jobs('auto', args.strategy)} worker process(es) ($CLBENCH_THREADS sets the "
-          "cores to use)")
+          f"the batched search's --jobs {args.jobs} is {resolve_jobs(args.jobs, args.strategy)} worker process(es) "
+          "($CLBENCH_THREADS sets the cores to use)")
     out = {}
     for batch in ("auto", "off"):
         start = time.perf_counter()
         summary = tune.tune(suite, args.strategy, root / batch, progress=False, batch=batch,
-                            jobs="auto" if batch == "auto" else 1, max_new_trials=args.trials)
+                            jobs=args.jobs if batch == "auto" else 1, max_new_trials=args.trials)
         out[batch] = (time.perf_counter() - start, summary)
         pruned = sum(t["state"] == "PRUNED" for t in summary["trials"])
         print(f"--batch {batch:4s}: {out[batch][0]:7.1f} s, chosen {summary['chosen']}, "

@@ -7,7 +7,8 @@ import torch
 
 from clbench.cli.commands import main
 from clbench.core.errors import ClbenchError
-from clbench.core.threads import default_threads, idle_cores
+from clbench.core import threads
+from clbench.core.threads import default_threads, idle_cores, runnable_now
 
 
 @pytest.mark.parametrize("load, cores, idle", [
@@ -23,14 +24,32 @@ def test_idle_cores_are_the_cores_less_the_others_load(load, cores, idle):
     assert idle_cores(load, cores) == idle
 
 
+def test_the_load_is_what_runs_now_not_the_last_minutes_average(tmp_path, monkeypatch):
+    """After a job ends, the 1-minute load average still counts it for about a minute; /proc/loadavg's running
+    count does not. The median of a few reads ignores a passing spike."""
+    reads = iter(["1.93 1.40 0.80 1/250 999\n", "1.93 1.40 0.80 7/250 999\n", "1.93 1.40 0.80 1/250 999\n"])
+    path = tmp_path / "loadavg"
+    real_sleep = threads.time.sleep
+    monkeypatch.setattr(threads.time, "sleep", lambda s: path.write_text(next(reads, "1.93 1.40 0.80 1/250 999\n")))
+    path.write_text("1.93 1.40 0.80 1/250 999\n")
+    assert runnable_now(str(path), samples=3) == 1.0  # the caller alone: 1.93 would have said another core busy
+    assert idle_cores(runnable_now(str(path), samples=3), 2) == 2
+    monkeypatch.setattr(threads.time, "sleep", real_sleep)
+    path.write_text("0.10 0.05 0.01 3/250 999\n")  # two others just started: not in the average yet
+    assert idle_cores(runnable_now(str(path), samples=3), 4) == 2
+    assert runnable_now(str(tmp_path / "absent")) is None
+    path.write_text("no numbers here\n")
+    assert runnable_now(str(path)) is None
+
+
 def test_default_threads_share_the_cores_among_jobs(monkeypatch):
     monkeypatch.setenv("CLBENCH_THREADS", "1")
     assert default_threads(1) == 1 and default_threads(3) == 1
     monkeypatch.delenv("CLBENCH_THREADS")
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(threads, "current_load", lambda: 1.0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert default_threads(1) == 4 and default_threads(2) == 2 and default_threads(8) == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(threads, "current_load", lambda: 4.0)
     assert default_threads(1) == 1
 
 
@@ -53,7 +72,7 @@ def test_a_run_on_a_busy_machine_uses_fewer_threads_and_says_so(monkeypatch, tmp
         pytest.skip("one core: there is no thread to give up")
     torch.set_num_threads(2)
     monkeypatch.delenv("CLBENCH_THREADS")
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # every core busy with others' work
+    monkeypatch.setattr(threads, "current_load", lambda: 9.0)  # every core busy with others' work
     out = tmp_path / "r.json"
     args = ["run", "--stream", "teacher-student", "--strategy", "finetune", "--output", str(out)]
     assert main(args) == 0
@@ -65,7 +84,7 @@ def test_a_run_on_a_busy_machine_uses_fewer_threads_and_says_so(monkeypatch, tmp
     assert json.loads(out.read_text())["config"]["threads"] == 2
 
     torch.set_num_threads(2)  # a quiet machine keeps torch's default, without a word
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    monkeypatch.setattr(threads, "current_load", lambda: 0.5)
     assert main(args) == 0
     assert "thread" not in capsys.readouterr().err
     assert json.loads(out.read_text())["config"]["threads"] == 2

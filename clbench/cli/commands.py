@@ -673,7 +673,7 @@ def _choose_threads(args: argparse.Namespace) -> None:
         return
     import torch
 
-    from clbench.core.threads import default_threads, usable_cores
+    from clbench.core.threads import current_load, default_threads, usable_cores
 
     chosen, current = default_threads(), torch.get_num_threads()
     if os.environ.get("CLBENCH_THREADS", "").strip():
@@ -681,7 +681,7 @@ def _choose_threads(args: argparse.Namespace) -> None:
     elif chosen < current:
         if not getattr(args, "quiet", False):
             print(f"clbench: other processes keep {usable_cores() - chosen} of {usable_cores()} CPU cores busy "
-                  f"(load average {os.getloadavg()[0]:.1f}); torch uses {chosen} thread(s) instead of {current} "
+                  f"(load {current_load() or 0:.1f}); torch uses {chosen} thread(s) instead of {current} "
                   "(--threads N or CLBENCH_THREADS=N to choose)", file=sys.stderr)
         torch.set_num_threads(chosen)
 

@@ -4,14 +4,17 @@ torch's default is one thread per core. When other processes keep those cores bu
 operation of a small-tensor training step waits for a sibling thread that is not scheduled: a run with a
 thread per core was 4-6x slower than on a quiet machine, one with a single thread 1.7x
 (docs/performance.md, "On a busy machine"). So the commands give torch only the cores others leave idle:
-the usable cores minus the 1-minute load average (less the one runnable task that is the caller itself),
-at least one, never more than torch's own default. ``CLBENCH_THREADS=N`` sets the cores to use instead
+the usable cores minus the threads runnable now (less the caller itself), at least one, never more than
+torch's own default. "Now" is read from Linux's /proc/loadavg, a few times over 50 ms; elsewhere the 1-minute
+load average stands in, which lags: it still counts a job that ended within the last minute or so. ``CLBENCH_THREADS=N`` sets the cores to use instead
 (shared out among ``--jobs``); ``--threads N`` sets each run's threads.
 """
 from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 
 from clbench.core.errors import ClbenchError, cpu_limit
 
@@ -24,15 +27,40 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_cores(load: float | None = None, cores: int | None = None) -> int:
-    """Cores that other processes leave idle: ``cores`` minus ``load`` (default: the 1-minute load average)
-    less one for the caller, rounded to the nearest core, between 1 and ``cores``."""
-    cores = usable_cores() if cores is None else cores
+def runnable_now(path: str = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01) -> float | None:
+    """Threads runnable on the machine now, the caller included: the median of ``samples`` reads of the
+    running count in ``path`` (Linux's /proc/loadavg, fourth field ``running/total``), or None without it."""
+    counts = []
+    for k in range(samples):
+        try:
+            with open(path) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if k < samples - 1:
+            time.sleep(interval_s)
+    return float(statistics.median(counts))
+
+
+def current_load() -> float | None:
+    """The load to count others by: runnable_now(), else the 1-minute load average, else None (a quiet
+    machine is assumed)."""
+    load = runnable_now()
     if load is None:
         try:
             load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average (Windows): assume a quiet machine
-            return cores
+        except (AttributeError, OSError):  # no load average (Windows)
+            return None
+    return load
+
+
+def idle_cores(load: float | None = None, cores: int | None = None) -> int:
+    """Cores that other processes leave idle: ``cores`` minus ``load`` (default: current_load()) less one for
+    the caller, rounded to the nearest core, between 1 and ``cores``."""
+    cores = usable_cores() if cores is None else cores
+    load = current_load() if load is None else load
+    if load is None:
+        return cores
     others = max(0.0, load - 1.0)
     return max(1, min(cores, math.floor(cores - others + 0.5)))
 
