@@ -99,6 +99,8 @@ class ActivityGating(Strategy):
 
 @batched_form(ActivityGating)
 class ActivityGatingAdapter(Adapter):
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
         return (strategy.layers,)

@@ -69,6 +69,8 @@ class LwFAdapter(Adapter):
     """The members' frozen previous models (their own after_task copies them) stacked; the distillation term
     of strategies/lwf.py per member, with its own alpha and temperature."""
 
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     @staticmethod
     def signature(strategy: Strategy) -> tuple:
         return (strategy.t_squared,)

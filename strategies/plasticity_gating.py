@@ -51,6 +51,8 @@ class PlasticityGating(Strategy):
 
 @batched_form(PlasticityGating)
 class PlasticityGatingAdapter(Adapter):
+    state_in_members = True  # refresh stacks everything from the members (see Adapter)
+
     def refresh(self) -> None:
         s = [m.strategy for m in self.g.members]
         self.masks = [torch.stack(g) for g in zip(*(x.masks for x in s))] if s[0].masks else []

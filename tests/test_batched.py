@@ -324,6 +324,9 @@ def _group_sizes(monkeypatch):
 
 @pytest.mark.parametrize("name,wild,tame", [("ewc-diag", {"strength": 1e9}, {"strength": 1.0}),
                                             ("finetune", {"lr": 1e9}, {"lr": 0.05}),
+                                            ("lwf", {"lr": 1e9, "alpha": 1.0}, {"lr": 0.05, "alpha": 1.0}),
+                                            ("activity-gating", {"lr": 1e9, "alpha": 0.5}, {"lr": 0.05, "alpha": 0.5}),
+                                            ("plasticity-gating", {"lr": 1e9}, {"lr": 0.05}),
                                             ("replay", {"lr": 1e9, "buffer_size": 40}, {"lr": 0.05, "buffer_size": 40})])
 def test_diverged_members_leave_the_batch_at_the_next_task_and_the_rest_do_not_change(monkeypatch, name, wild, tame):
     """A member that diverges stops there, as its own run does; the others go on as a smaller batch (when the
