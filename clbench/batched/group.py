@@ -227,7 +227,8 @@ def run_batched(members: list[Member], *, model_name: str | None = None, model_a
     $CLBENCH_BATCH_MEMORY_MB, else 2048) and hold at most ``max_members``. A member that cannot be
     batched (see :func:`batchable`) raises; use ``clbench.run`` for it. ``eval_every``/``eval_samples``: continual
     evaluation of every member, as ``clbench.run`` takes them (clbench.batched.continual); ``final_only``
-    as ``clbench.run`` takes it (rows 0 and T of R only).
+    as ``clbench.run`` takes it (rows 0 and T of R only). A member that diverges gets the engine's
+    TrainingDiverged and stops where it diverged (see _run_group).
     """
     eval_every, eval_samples = continual.check_options(eval_every, eval_samples)
     dev = resolve_device(device)
