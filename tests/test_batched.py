@@ -101,9 +101,10 @@ def test_ewc_diag_fisher_of_a_classifier_computed_in_batch(tmp_path):
 
 
 def test_true_fisher_in_closed_form_equals_one_backward_per_class(tmp_path, monkeypatch):
-    """The stacked diagonal true Fisher of a Linear or Linear-ReLU-Linear network in closed form (p (1 - p) at
-    the output, (p W^2 - (p W)^2) r^2 at the hidden layer) equals the per-class sum of squared gradients it
-    replaces: cross-entropy with one head and with task heads, ReLU and tanh, and the Gaussian (MSE) Fisher."""
+    """The stacked diagonal true Fisher of a chain of Linear layers and activations in closed form (every
+    class's output gradient carried down at once) equals the per-class sum of squared gradients it replaces:
+    one, two and three Linear layers, cross-entropy with one head and with task heads, ReLU and tanh, and the
+    Gaussian (MSE) Fisher."""
     from fake_data import write_idx_dataset
 
     import clbench.batched.fisher as batched
@@ -130,7 +131,10 @@ def test_true_fisher_in_closed_form_equals_one_backward_per_class(tmp_path, monk
     cases = [(make_stream("permuted-mnist", tasks=2, root=root), {"widths": (16,)}),
              (make_stream("split-mnist", scenario="task", root=root), {"widths": (16,), "activation": "tanh"}),
              (small_ts(0.5, 0.5, 0, mode="sampled", samples=200), {"widths": (16,)}),
-             (small_ts(0.5, 0.5, 0), None)]
+             (small_ts(0.5, 0.5, 0), None),
+             (make_stream("permuted-mnist", tasks=2, root=root), {"widths": (16, 12)}),
+             (make_stream("split-mnist", scenario="task", root=root), {"widths": (16, 12), "activation": "tanh"}),
+             (small_ts(0.5, 0.5, 0, mode="sampled", samples=200), {"widths": (16, 12)})]
     for stream, model_args in cases:
         kw = {"model_name": "mlp", "model_args": model_args} if model_args else {}
         members = [Member(stream, make_strategy("ewc-diag", strength=s, epochs=1, fisher_samples=150), 0)

@@ -23,35 +23,48 @@ def linear_true_fisher_inputs(g: "Group", i: int) -> torch.Tensor | None:
     return x[:, : min(s[0].fisher_samples, x.shape[1])].flatten(2)
 
 
+CLOSED_FORM_BYTES = 2**28  # the per-class gradients the closed form holds at once; beyond, one backward per class
+
+
 def true_fisher_scales(g: "Group", i: int, captured: list, out: torch.Tensor) -> list[torch.Tensor] | None:
     """Per Linear layer, the true Fisher's expected squared gradient at the layer's output, (B, n, units), in
-    closed form when the network is Linear, or Linear, activation, Linear, ungated: with W the output layer's
-    rows of task i's head and r the activation's slope, for cross-entropy (p = softmax of the head)
-    E_c[(p - e_c)^2] = p (1 - p) at the output and E_c[(W^T (p - e_c))^2] r^2 = ((p W^2) - (p W)^2) r^2 at the
-    hidden layer; for the Gaussian (MSE) Fisher, 1 and (1 W^2) r^2. The same sum as one backward per class
-    (fisher_losses), in one pass. None for other networks."""
+    closed form for an ungated chain Linear (activation Linear)*: D_c, the gradient at the output for class c
+    (p - e_c for cross-entropy, p the softmax of task i's head, weighted p_c; e_c for the Gaussian Fisher of
+    MSE, weighted 1), carried down a layer as (D_c W) * act'(z), gives sum_c weight_c D_c^2 at every layer:
+    p (1 - p) at a cross-entropy output. The same sum as one backward per class (fisher_losses), with one
+    product per layer for all classes. None for other networks."""
     ops = [op for op, _ in g.net.ops if op != "flatten"]
-    if g.adapter.gates(i) is not None or ops not in (["linear"], ["linear", "act", "linear"]):
+    if g.adapter.gates(i) is not None or ops != ["linear"] + ["act", "linear"] * (len(ops) // 2):
         return None
     head = g.data[i]["head"]
-    units = g.net.params[g.net.linears[-1][0]].shape[1]
+    B, n, C = out.shape
+    widths = [g.net.params[w].shape[1] for w, _ in g.net.linears]
+    if 4 * B * n * C * max(widths) > CLOSED_FORM_BYTES:
+        return None
+    eye = torch.eye(C, device=out.device)
     if g.loss_kind == "ce":
         p = torch.softmax(out, -1)
-        last = p * (1 - p)
+        D, weight = p[:, :, None, :] - eye, p[..., None]  # (B, n, class, unit), (B, n, class, 1)
     else:
-        p, last = None, torch.ones_like(out)
+        D, weight = eye.expand(B, n, C, C), None
+
+    def expected(D: torch.Tensor) -> torch.Tensor:
+        return (D * D if weight is None else D * D * weight).sum(2)
+
+    last = expected(D)
     if head is not None:  # units outside the head get no gradient
-        last = torch.zeros(*out.shape[:2], units, device=out.device).scatter_(2, head[:, None, :].expand_as(last), last)
-    if len(ops) == 1:
-        return [last]
-    w = g.net.params[g.net.linears[-1][0]].detach().float()  # (B, units, hidden)
-    if head is not None:
-        w = w.gather(1, head[:, :, None].expand(-1, -1, w.shape[2]))
-    z = captured[0][2].detach().float().requires_grad_(True)
-    act = next(arg for op, arg in g.net.ops if op == "act")
-    slope = torch.autograd.grad(act(z).sum(), z)[0]
-    spread = torch.bmm(p, w * w) - torch.bmm(p, w) ** 2 if p is not None else (w * w).sum(1)[:, None, :]
-    return [spread * slope**2, last]
+        last = torch.zeros(B, n, widths[-1], device=out.device).scatter_(2, head[:, None, :].expand_as(last), last)
+    scales = [last]
+    acts = [arg for op, arg in g.net.ops if op == "act"]
+    for k in range(len(captured) - 2, -1, -1):  # down from the output layer
+        w = g.net.params[g.net.linears[k + 1][0]].detach().float()  # (B, out, in)
+        if k + 2 == len(captured) and head is not None:
+            w = w.gather(1, head[:, :, None].expand(-1, -1, w.shape[2]))
+        z = captured[k][2].detach().float().requires_grad_(True)
+        slope = torch.autograd.grad(acts[k](z).sum(), z)[0]
+        D = torch.bmm(D.flatten(1, 2), w).view(B, n, D.shape[2], -1) * slope[:, :, None, :]
+        scales.insert(0, expected(D))
+    return scales
 
 
 def diagonal_fisher(g: "Group", i: int, batch_size: int = 512) -> torch.Tensor | None:
