@@ -219,6 +219,12 @@ class EWCDiagAdapter(L2Adapter):
     def refresh(self) -> None:
         s = [m.strategy for m in self.g.members]
         self.strength = member_numbers(self.g.members, "strength", self.g.dev)
+        pairs = [pair for x in s for pair in x.penalties]
+        folded = getattr(self, "folded_from", None)  # the pairs last folded (held, so none is a new one)
+        if folded is not None and len(folded) == len(pairs) and all(
+                F is F0 and a is a0 for (F, a), (F0, a0) in zip(pairs, folded)):
+            return  # the same penalties as at the last refresh (refresh runs before and after every task)
+        self.folded_from = pairs
         self.anchor = self.importance = self.constant = None
         if not s[0].penalties:
             return
