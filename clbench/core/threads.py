@@ -5,9 +5,10 @@ operation of a small-tensor training step waits for a sibling thread that is not
 thread per core was 4-6x slower than on a quiet machine, one with a single thread 1.7x
 (docs/performance.md, "On a busy machine"). So the commands give torch only the cores others leave idle:
 the usable cores minus the threads runnable now (less the caller itself), at least one, never more than
-torch's own default. "Now" is read from Linux's /proc/loadavg, a few times over 50 ms; elsewhere the 1-minute
-load average stands in, which lags: it still counts a job that ended within the last minute or so. ``CLBENCH_THREADS=N`` sets the cores to use instead
-(shared out among ``--jobs``); ``--threads N`` sets each run's threads.
+torch's own default. "Now" is read from Linux's /proc/loadavg, a few times over 50 ms; elsewhere the
+1-minute load average stands in, which lags: it still counts a job that ended within the last minute or
+so. ``CLBENCH_THREADS=N`` sets the cores to use instead (shared out among ``--jobs``); ``--threads N`` sets
+each run's threads.
 """
 from __future__ import annotations
 
