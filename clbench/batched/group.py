@@ -344,7 +344,7 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                 recorder.record(0, 0)
         regroup = False
         for i in range(first, T):
-            for b, k in enumerate(ids):
+            for b in range(B):
                 g.hook(b, "before_task", g.tasks[b][i])
             adapter.refresh()
             seen = g.tasks[0][: i + 1]
