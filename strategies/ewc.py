@@ -240,10 +240,17 @@ class EWCDiagAdapter(L2Adapter):
         self.importance, self.anchor = F.float(), anchor.float()
 
     def penalty(self) -> torch.Tensor | None:
+        return self.pull(0.5)
+
+    def pull(self, factor: float) -> torch.Tensor | None:
+        """factor * strength * (F (theta - a)^2 + c), its gradient left in the weights' .grad (quadratic_pull)."""
         if self.anchor is None:
             return None
-        quadratic = self.g.net.quadratic(self.anchor, self.importance)
-        return 0.5 * self.strength * (quadratic if self.constant is None else quadratic + self.constant)
+        held = getattr(self, "pull_weight", None)
+        if held is None or held[0] is not self.importance or held[1] != factor:
+            held = self.pull_weight = (self.importance, factor, 2 * factor * self.strength[:, None] * self.importance)
+        value = self.g.net.quadratic_pull(self.anchor, held[2])
+        return value if self.constant is None else value.add_(factor * self.strength * self.constant)
 
     def after_task(self, i: int) -> bool:
         """The diagonal Fisher of task i for all members at once: for one bias-free Linear layer under MSE

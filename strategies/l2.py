@@ -85,4 +85,4 @@ class L2Adapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return 0.5 * self.strength * self.g.net.quadratic(self.anchor, None)
+        return self.g.net.quadratic_pull(self.anchor, self.strength[:, None])

@@ -78,6 +78,7 @@ class SIAdapter(Adapter):
         self.c = member_numbers(self.g.members, "c", self.g.dev)
         self.anchor = None if s[0].anchor is None else torch.stack([x.anchor for x in s])
         self.omega = None if s[0].omega is None else torch.stack([x.omega for x in s])
+        self.pull = None if self.omega is None else 2 * self.c[:, None] * self.omega  # c sum omega delta^2
         if hasattr(s[0], "path"):  # set by before_task
             self.previous = torch.stack([x.previous for x in s])
             self.path = torch.stack([x.path for x in s])
@@ -89,7 +90,7 @@ class SIAdapter(Adapter):
     def penalty(self) -> torch.Tensor | None:
         if self.anchor is None:
             return None
-        return self.c * self.g.net.quadratic(self.anchor, self.omega)
+        return self.g.net.quadratic_pull(self.anchor, self.pull)
 
     @torch.no_grad()
     def after_step(self) -> None:

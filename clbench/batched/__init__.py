@@ -29,7 +29,7 @@ from clbench.batched.adapter import (
 )
 from clbench.batched.buffer import ReservoirAdapter, StackedReservoir
 from clbench.batched.group import Group, run_batched, run_seeds
-from clbench.batched.stacked import Quadratic, Sharing, StackedLinear, StackedNet
+from clbench.batched.stacked import Sharing, StackedLinear, StackedNet
 
-__all__ = ["Adapter", "Group", "Member", "Quadratic", "ReservoirAdapter", "Sharing", "StackedLinear", "StackedNet",
+__all__ = ["Adapter", "Group", "Member", "ReservoirAdapter", "Sharing", "StackedLinear", "StackedNet",
            "StackedReservoir", "adapter_for", "batchable", "batched_form", "member_numbers", "run_batched", "run_seeds"]

@@ -367,6 +367,9 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                     for t in train_on}
                 epoch_loss = torch.zeros(B, device=dev)
                 for step in range(steps):
+                    for p in g.net.params:
+                        p.grad = None
+                    penalty = adapter.penalty()  # once a step (a quadratic pull leaves its gradient in .grad)
                     loss = torch.zeros(B, device=dev)
                     for t in train_on:
                         d, order = g.data[t], orders[t]
@@ -383,13 +386,10 @@ def _run_group(members: list[Member], models: list[nn.Module], dev: torch.device
                             sharing = batch["sharing"]
                         out = g.net.forward(x, gates[t], sharing)
                         loss = loss + adapter.incoming_loss(out, y, t)
-                        penalty = adapter.penalty()
-                        if penalty is not None:
-                            loss = loss + penalty
                         loss = adapter.extra_loss(x, y, t, loss, out, sharing)
-                    loss = loss / len(train_on)  # as the engine: the mean over the tasks trained on
-                    for p in g.net.params:
-                        p.grad = None
+                    loss = loss / len(train_on)  # as the engine: the mean over the tasks trained on, penalty once
+                    if penalty is not None:
+                        loss = loss + penalty
                     loss.sum().backward()  # members do not interact: each gets its own loss's gradient
                     adapter.after_backward()
                     optimizer.step()

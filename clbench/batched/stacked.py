@@ -185,11 +185,20 @@ class StackedNet:
             yield p, slice(start, start + p[0].numel())
             start += p[0].numel()
 
-    def quadratic(self, anchor: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """Per member: sum_j weight_j (theta_j - anchor_j)^2 over ``flat()`` (weight 1 when None), computed per
-        parameter, without concatenating the weights."""
-        return sum(Quadratic.apply(p.reshape(len(p), -1), anchor[:, part], None if weight is None else weight[:, part])
-                   for p, part in self.parts())
+    @torch.no_grad()
+    def quadratic_pull(self, anchor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per member b: 1/2 sum_j weight_bj (theta_bj - anchor_bj)^2 over ``flat()`` (weight (B, P), or (B, 1)
+        for one weight per member), computed per parameter without autograd; its gradient weight (theta -
+        anchor) becomes each parameter's ``.grad``, to which the step's backward then adds the loss's gradient
+        in place. Two passes over the weights fewer than autograd through the value, and no gradient sum."""
+        total = None
+        for p, part in self.parts():
+            d = p.reshape(len(p), -1) - anchor[:, part]
+            pull = d * (weight if weight.shape[1] == 1 else weight[:, part])
+            value = torch.linalg.vecdot(pull, d)
+            total = value if total is None else total.add_(value)
+            p.grad = pull.view_as(p)
+        return total.mul_(0.5)
 
     @torch.no_grad()
     def load(self, b: int, model: nn.Module) -> None:
@@ -206,20 +215,3 @@ def model_problem(model: nn.Module) -> str | None:
         if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
             return "the model flattens other dimensions than all but the first"
     return None
-
-
-class Quadratic(torch.autograd.Function):
-    """Per member b: sum_j w_bj (theta_bj - anchor_bj)^2 (w = 1 when None), gradient 2 w (theta - anchor):
-    the value and its gradient in a few passes over the (B, P) weights, where autograd would make several."""
-
-    @staticmethod
-    def forward(ctx, theta: torch.Tensor, anchor: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        d = theta - anchor
-        wd = d if w is None else w * d
-        ctx.save_for_backward(wd)
-        return torch.linalg.vecdot(wd, d)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (wd,) = ctx.saved_tensors
-        return wd * (2 * grad)[:, None], None, None
