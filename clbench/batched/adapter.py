@@ -68,6 +68,8 @@ class Adapter:
         return None
 
     def penalty(self) -> torch.Tensor | None:
+        """Per member (B,), once a step before the forward pass: a value autograd differentiates, or a detached
+        one whose gradient is already in the weights' ``.grad`` (StackedNet.quadratic_pull)."""
         return None
 
     def incoming_loss(self, outputs: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
