@@ -274,6 +274,26 @@ def test_sweep_batches_cells_into_the_same_records_and_resumes(tmp_path):
         sweep.run_sweep(cells, auto, progress=False, batch="0")
 
 
+def test_a_batch_that_cannot_run_batched_says_why_and_runs_its_cells_alone(monkeypatch, capsys):
+    from clbench.experiments import batching, sweep
+
+    spec = sweep.inline_spec(["teacher-student"], {"input_dim": 50, "latent_dim": 4}, ["l2"], {"epochs": 3}, [0, 1])
+    cells = sweep.expand(spec)
+    want = [record["R"] for _, record, _ in batching.run_cells(cells, "cpu")]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a batched form")
+
+    monkeypatch.setattr(batching, "run_batched", broken)
+    got = batching.run_cells(cells, "cpu")
+    assert [error for _, _, error in got] == [None, None]
+    assert all("batched_members" not in record["extra"] for _, record, _ in got)  # each ran alone
+    for R, (_, record, _) in zip(want, got):
+        np.testing.assert_allclose(record["R"], R, atol=1e-4)
+    err = capsys.readouterr().err
+    assert "2 l2 run(s) could not train as one batched model (RuntimeError: a bug in a batched form)" in err
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_members_at_different_learning_rates_share_one_batch(optimizer):
     lrs = (0.01, 0.03, 0.1) if optimizer == "sgd" else (0.001, 0.003, 0.01)

@@ -112,7 +112,9 @@ def iter_cells(cells: list[dict[str, Any]], device: str, threads: int | None = N
             results = run_batched([m for _, m in group], model_name=cell0["model"], model_args=cell0["model_args"],
                                   device=device, memory_mb=memory_mb, final_only=cell0.get("final_only", False),
                                   **cell0.get("continual", {}))
-        except (Exception, SystemExit):  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (a batch that cannot run falls back to one run per cell)
+            print(f"clbench: {len(group)} {cell0['strategy']} run(s) could not train as one batched model "
+                  f"({type(e).__name__}: {str(e)[:300]}); running them one at a time", file=sys.stderr)
             single += [c for c, _ in group]
             continue
         for (cell, _), result in zip(group, results):
